@@ -1,0 +1,1 @@
+# Data phase: source -> raw -> NIfTI + dataset.json -> preprocessed shards -> manifest.
