@@ -9,6 +9,10 @@ LOGS = config["paths"]["logs"]
 SHARDS = config["preprocess"]["shards"]
 CONDA_ENV = "../envs/voco.yaml"
 CONTAINER = "containers/voco.sif"
+VOCO = "voco"  # the CLI; every rule is a thin call of one subcommand
+
+# Final outputs of the whole DAG; each rule file appends its own (rule all takes them).
+ALL_TARGETS = []
 
 
 def card(dataset):
@@ -28,3 +32,26 @@ def source_kind(dataset):
 
 def raw_dir(wildcards):
     return f"{DATA}/raw/{wildcards.dataset}"
+
+
+def ids_of_kind(*kinds):
+    """Regex alternation of the dataset ids whose card source kind is one of ``kinds`` (wildcard constraint)."""
+    ids = [d for d in ALL_DATASETS if source_kind(d) in kinds]
+    return "|".join(ids) if ids else "(?!x)x"  # never matches when empty
+
+
+def card_format(dataset):
+    return CARDS[dataset].get("format", "msd")
+
+
+def shard_manifests(dataset):
+    return [f"{DATA}/prep/{dataset}/shard-{k}/manifest.parquet" for k in range(SHARDS)]
+
+
+def prep_manifest(dataset):
+    return f"{DATA}/prep/{dataset}/manifest.parquet"
+
+
+wildcard_constraints:
+    dataset="[a-z0-9_]+",
+    shard=r"\d+",
