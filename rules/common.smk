@@ -15,9 +15,30 @@ VOCO = "voco"  # the CLI; every rule is a thin call of one subcommand
 ALL_TARGETS = []
 
 
+REPO = Path(workflow.basedir).parent
+CARDS_DIR = Path(config["cards_dir"]) if Path(config["cards_dir"]).is_absolute() else REPO / config["cards_dir"]
+
+
+def _write_resolved_config():
+    """The validated config (overrides merged, defaults filled) as one file that every `voco` call reads.
+
+    Rewritten only when its content changes, so job commands stay stable (no spurious re-runs)."""
+    text = yaml.safe_dump(dict(config), sort_keys=True)
+    path = Path(".snakemake", "voco", "config.yaml")
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return str(path)
+
+
+VOCO_CONFIG = _write_resolved_config()  # pass as `--config {VOCO_CONFIG}` to every voco subcommand that reads config
+
+
 def card(dataset):
-    """The dataset card config/datasets/<dataset>.yaml (validated by the CLI when it is used)."""
-    return yaml.safe_load(Path(config["cards_dir"], f"{dataset}.yaml").read_text())
+    """The dataset card <cards_dir>/<dataset>.yaml (validated by the CLI when it is used)."""
+    return yaml.safe_load(Path(CARDS_DIR, f"{dataset}.yaml").read_text())
 
 
 PRETRAIN = list(config["datasets"]["pretrain"])

@@ -24,7 +24,7 @@ rule synth:
     container:
         CONTAINER
     shell:
-        "{VOCO} synth --dataset {wildcards.dataset} --out {params.out} > {log} 2>&1"
+        "{VOCO} synth --config {VOCO_CONFIG} --dataset {wildcards.dataset} --out {params.out} > {log} 2>&1"
 
 
 rule convert:
@@ -78,7 +78,7 @@ rule preprocess:
     container:
         CONTAINER
     shell:
-        "{VOCO} preprocess --dataset-json {input} --out {params.out} --dataset {wildcards.dataset}"
+        "{VOCO} preprocess --config {VOCO_CONFIG} --dataset-json {input} --out {params.out} --dataset {wildcards.dataset}"
         " --shard {wildcards.shard} --num-shards {params.shards} > {log} 2>&1"
 
 
