@@ -1,0 +1,544 @@
+"""Pre-processing (SPEC 1): RAS, resample, intensity window, foreground crop, pad; validation of each case.
+
+The pipeline for one case::
+
+    read + validate  ->  reorient to RAS  ->  resample to the target spacing (image linear, labels nearest)
+    ->  intensity (CT: clip to the HU window, scale to [0, 1]; other modalities: percentile clip + z-score on
+        non-zero voxels)  ->  crop to the foreground bounding box  ->  pad up to the ROI  ->  store
+
+Every problem with one case raises :class:`voco.errors.DataError` naming the file and the problem; the caller turns it
+into a ``rejected`` manifest row and goes on with the other cases.
+
+Geometry conventions: arrays are indexed (X, Y, Z) in voxel order of their affine; resampling keeps the world
+position of voxel (0, 0, 0) (the affine's origin) and scales the affine's columns, so ``new_affine = affine @
+diag(s, 1)`` with ``s = new_spacing / old_spacing``; output voxel ``j`` samples input position ``j * s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from voco.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: Bump when the pipeline's output changes for the same inputs and parameters (part of every cache key).
+PREPROCESS_VERSION = 1
+#: Number of label-foreground voxel positions kept per case for positive crop sampling.
+FG_SAMPLES = 4096
+#: Image and label affines may differ by this much (mm) before the pair is rejected.
+AFFINE_TOL_MM = 1e-3
+CT_MODALITIES = {"CT", "CTA", "PET-CT"}
+
+
+@dataclass(frozen=True)
+class Params:
+    """Every parameter that changes the output (all of it goes into the cache key).
+
+    Attributes:
+        spacing: target voxel spacing (mm), x, y, z.
+        window: HU window [low, high] for CT channels.
+        roi: pad every volume to at least this size (voxels).
+        storage_dtype: dtype of stored images (float16 | float32).
+        modality: one modality name per channel (``("CT",)`` for plain CT).
+    """
+
+    spacing: tuple[float, float, float]
+    window: tuple[float, float]
+    roi: tuple[int, int, int]
+    storage_dtype: str = "float16"
+    modality: tuple[str, ...] = ("CT",)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_region_params(cls, p: dict, modality: dict[int, str] | None = None) -> Params:
+        """From :func:`voco.config.region_params` output (+ the dataset's modality map)."""
+        mod = tuple(str(modality[k]) for k in sorted(modality)) if modality else ("CT",)
+        return cls(
+            spacing=tuple(float(s) for s in p["spacing"]),  # type: ignore[arg-type]
+            window=tuple(float(w) for w in p["window"]),  # type: ignore[arg-type]
+            roi=tuple(int(r) for r in p["roi"]),  # type: ignore[arg-type]
+            storage_dtype=str(p.get("storage_dtype", "float16")),
+            modality=mod,
+        )
+
+
+@dataclass
+class Prepared:
+    """One pre-processed case.
+
+    Attributes:
+        image: (C, X, Y, Z) float32.
+        labels: name ("label" / "label_full") -> (X, Y, Z) integer array.
+        meta: geometry and provenance (see :func:`preprocess_arrays`).
+    """
+
+    image: np.ndarray
+    labels: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------------- reading
+def load_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI file's data and affine, turning every failure into a DataError that names the file.
+
+    Returns:
+        (data as stored, scaled by the header's slope/intercept if any; affine (4, 4) float64)
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} {path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{what} {path}: is a directory, not a NIfTI file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{what} {path}: empty file (0 bytes)")
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many types for garbage input
+        raise DataError(f"{what} {path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise DataError(f"{what} {path}: not a NIfTI file (nibabel reads it as {type(img).__name__})")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # EOFError, zlib.error, ValueError ... on truncated files
+        raise DataError(f"{what} {path}: truncated or corrupt data ({type(e).__name__}: {e})") from None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(f"{what} {path}: invalid affine (singular or not finite)")
+    return data, affine
+
+
+def _spatial3(data: np.ndarray, path: Path, what: str, n_channels: int) -> np.ndarray:
+    """Check dimensionality; return (X, Y, Z) or (X, Y, Z, C) with C == n_channels > 1."""
+    shape = tuple(data.shape)
+    if data.ndim == 4 and shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim < 3 or (data.ndim == 3 and min(shape) < 2):
+        raise DataError(f"{what} {path}: 2-D data (shape {shape}); a 3-D volume is needed")
+    if data.ndim == 4:
+        if what == "image" and n_channels > 1 and shape[3] == n_channels:
+            if min(shape[:3]) < 2:
+                raise DataError(f"{what} {path}: 2-D data per channel (shape {shape})")
+            return data
+        if what != "image":
+            raise DataError(f"{what} {path}: 4-D data (shape {shape}); a label must be one 3-D volume")
+        raise DataError(
+            f"{what} {path}: 4-D data (shape {shape}) with {shape[3]} volumes, but the modality map lists "
+            f"{n_channels} channel(s); only multi-channel images with one volume per listed modality are accepted"
+        )
+    if data.ndim > 4:
+        raise DataError(f"{what} {path}: {data.ndim}-D data (shape {shape}); a 3-D volume is needed")
+    return data
+
+
+def read_image(paths: tuple[Path, ...], n_channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read one case's image (one file, or one file per channel). Returns ((C, X, Y, Z) float32, affine)."""
+    if len(paths) > 1 and len(paths) != n_channels:
+        raise DataError(f"image {paths[0]}: {len(paths)} channel files but the modality map lists {n_channels}")
+    chans: list[np.ndarray] = []
+    affine0: np.ndarray | None = None
+    for p in paths:
+        data, affine = load_nifti(p, "image")
+        data = _spatial3(data, p, "image", n_channels if len(paths) == 1 else 1)
+        if data.ndim == 3 and len(paths) == 1 and n_channels > 1:
+            raise DataError(f"image {p}: 3-D image but the modality map lists {n_channels} channels")
+        arr = np.asarray(data, dtype=np.float32)
+        arr = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[None]
+        if affine0 is None:
+            affine0 = affine
+        else:
+            if arr.shape[1:] != chans[0].shape[1:]:
+                raise DataError(
+                    f"image {p}: channel shape {arr.shape[1:]} differs from {paths[0]} {chans[0].shape[1:]}"
+                )
+            if not np.allclose(affine, affine0, atol=AFFINE_TOL_MM):
+                raise DataError(f"image {p}: channel affine differs from {paths[0]}")
+        chans.append(arr)
+    image = np.concatenate(chans, 0) if len(chans) > 1 else chans[0]
+    bad = ~np.isfinite(image)
+    if bad.any():
+        n_nan = int(np.isnan(image).sum())
+        raise DataError(
+            f"image {paths[0]}: contains {n_nan} NaN and {int(bad.sum()) - n_nan} infinite voxel(s) of {image.size}"
+        )
+    assert affine0 is not None
+    return image, affine0
+
+
+def read_label(
+    path: Path, image_shape: tuple[int, ...], image_affine: np.ndarray, label_map: dict[int, str], what: str
+) -> np.ndarray:
+    """Read a label volume and check it against the image and the label map. Returns (X, Y, Z) int array."""
+    data, affine = load_nifti(path, what)
+    data = _spatial3(data, path, what, 1)
+    if tuple(data.shape) != tuple(image_shape):
+        raise DataError(f"{what} {path}: shape {tuple(data.shape)} does not match the image shape {tuple(image_shape)}")
+    diff = float(np.abs(affine - image_affine).max())
+    if diff > AFFINE_TOL_MM:
+        raise DataError(
+            f"{what} {path}: affine does not match the image affine (max difference {diff:.4g} mm); "
+            f"label and image must be on the same grid"
+        )
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)):
+            raise DataError(f"{what} {path}: contains NaN or infinite values")
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            raise DataError(f"{what} {path}: non-integer label values (a label volume must hold class indices)")
+        data = rounded
+    data = np.asarray(data)
+    if data.dtype.kind in "iu" and data.size and 0 <= int(data.min()) and int(data.max()) < 65536:
+        values = np.flatnonzero(np.bincount(data.ravel()))  # much faster than np.unique on big volumes
+    else:
+        values = np.unique(data)
+    if values.size and values.min() < 0:
+        raise DataError(f"{what} {path}: negative label values {values[values < 0][:10].tolist()}")
+    if label_map:
+        unknown = sorted(set(int(v) for v in values) - set(label_map))
+        if unknown:
+            shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+            raise DataError(
+                f"{what} {path}: label values {shown} are not in the dataset's label map "
+                f"(known: {', '.join(map(str, sorted(label_map)))})"
+            )
+    dtype = np.uint8 if (values.size == 0 or values.max() <= 255) else np.uint16
+    return np.asarray(data).astype(dtype)
+
+
+# -------------------------------------------------------------------------------------------------------- geometry
+def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient (..., X, Y, Z) to the closest RAS voxel order (axis permutations and flips only, no interpolation).
+
+    Returns:
+        (reoriented array (a view where possible), its affine)
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    if np.array_equal(ornt, nib.orientations.axcodes2ornt("RAS")):
+        return data, affine
+    lead = data.ndim - 3
+    moved = np.moveaxis(data, list(range(lead)), list(range(3, 3 + lead))) if lead else data
+    out = nib.orientations.apply_orientation(moved, ornt)
+    out = np.moveaxis(out, list(range(3, 3 + lead)), list(range(lead))) if lead else out
+    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape[-3:])
+    return np.ascontiguousarray(out), new_affine
+
+
+def from_ras(data: np.ndarray, original_affine: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_ras`: (..., X, Y, Z) in RAS voxel order -> the original voxel order."""
+    ornt = nib.orientations.io_orientation(original_affine)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    if np.array_equal(back, nib.orientations.axcodes2ornt("RAS")):
+        return data
+    lead = data.ndim - 3
+    moved = np.moveaxis(data, list(range(lead)), list(range(3, 3 + lead))) if lead else data
+    out = nib.orientations.apply_orientation(moved, back)
+    return np.ascontiguousarray(np.moveaxis(out, list(range(3, 3 + lead)), list(range(lead))) if lead else out)
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size (mm) along each array axis: the norms of the affine's first three columns."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+
+
+def resampled_shape(shape: tuple[int, ...], spacing: np.ndarray, target: np.ndarray) -> tuple[int, int, int]:
+    """Output grid size covering the same extent: round(shape * spacing / target), at least 1."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target, strict=True))  # type: ignore[return-value]
+
+
+def zoom_grid(data: np.ndarray, scale: np.ndarray, out_shape: tuple[int, ...], order: int) -> np.ndarray:
+    """Resample (..., X, Y, Z) so that output voxel j samples input position j * scale (origin kept).
+
+    Args:
+        data: (..., X, Y, Z) array; leading axes (channels) are resampled one by one.
+        scale: (3,) input voxels per output voxel.
+        out_shape: (3,) output grid.
+        order: 0 nearest (labels), 1 linear (images).
+    Returns:
+        (..., *out_shape) array of ``data``'s dtype.
+    """
+    if tuple(data.shape[-3:]) == tuple(out_shape) and np.allclose(scale, 1.0):
+        return data
+    lead = data.shape[:-3]
+    flat = data.reshape((-1, *data.shape[-3:]))
+    out = np.empty((flat.shape[0], *out_shape), dtype=data.dtype)
+    for i in range(flat.shape[0]):
+        ndimage.affine_transform(
+            flat[i],
+            np.asarray(scale, dtype=np.float64),
+            output_shape=tuple(out_shape),
+            output=out[i],
+            order=order,
+            mode="nearest",
+            prefilter=False,
+        )
+    return out.reshape((*lead, *out_shape))
+
+
+# ------------------------------------------------------------------------------------------------------- intensity
+def ct_window(x: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Clip to [low, high] HU and scale to [0, 1] (in place on float arrays)."""
+    lo, hi = float(window[0]), float(window[1])
+    if hi <= lo:
+        raise DataError(f"invalid window {window}: high must exceed low")
+    np.clip(x, lo, hi, out=x)
+    x -= lo
+    x /= hi - lo
+    return x
+
+
+def mr_normalise(x: np.ndarray) -> np.ndarray:
+    """Clip non-zero voxels at their 0.5th / 99.5th percentile, then z-score them; zeros stay zero (in place)."""
+    nz = x != 0
+    if not nz.any():
+        return x
+    vals = x[nz]
+    lo, hi = np.percentile(vals, [0.5, 99.5])
+    vals = np.clip(vals, lo, hi)
+    std = float(vals.std())
+    x[nz] = (vals - float(vals.mean())) / (std if std > 0 else 1.0)
+    return x
+
+
+def foreground_box(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Bounding box (start, stop) of the True voxels of a (X, Y, Z) mask."""
+    start, stop = [], []
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        idx = np.flatnonzero(mask.any(axis=other))
+        start.append(int(idx[0]))
+        stop.append(int(idx[-1]) + 1)
+    return tuple(start), tuple(stop)  # type: ignore[return-value]
+
+
+# -------------------------------------------------------------------------------------------------------- pipeline
+def preprocess_arrays(image: np.ndarray, affine: np.ndarray, labels: dict[str, np.ndarray], params: Params) -> Prepared:
+    """Run the pipeline on arrays already read and validated.
+
+    Args:
+        image: (C, X, Y, Z) float32 in the file's voxel order.
+        affine: (4, 4) voxel -> world (mm, RAS+ world as in NIfTI).
+        labels: name -> (X, Y, Z) integer arrays on the image grid.
+        params: target spacing, window, ROI, modality per channel.
+    Returns:
+        Prepared with image (C, X', Y', Z') float32, labels on the same grid, and ``meta`` holding: ``affine``
+        (of the stored grid), ``spacing``, ``original_shape``, ``original_affine``, ``original_spacing``,
+        ``ras_shape``, ``scale``, ``resampled_shape``/``resampled_affine`` (before cropping), ``crop_start``/``crop_stop`` (in the resampled RAS grid),
+        ``pad_before``/``pad_after``, ``shape``.
+    Raises:
+        DataError: no foreground (every voxel at or below the window's low end / zero).
+    """
+    if image.shape[0] != len(params.modality):
+        raise DataError(f"image has {image.shape[0]} channel(s) but the modality map lists {len(params.modality)}")
+    original_shape = tuple(int(n) for n in image.shape[1:])
+    original_affine = np.asarray(affine, dtype=np.float64)
+    image, ras_affine = to_ras(image, original_affine)
+    labels = {k: to_ras(v, original_affine)[0] for k, v in labels.items()}
+    ras_shape = tuple(int(n) for n in image.shape[1:])
+
+    spacing = voxel_spacing(ras_affine)
+    target = np.asarray(params.spacing, dtype=np.float64)
+    out_shape = resampled_shape(ras_shape, spacing, target)
+    scale = target / spacing
+    if np.allclose(spacing, target, rtol=1e-4, atol=1e-5):
+        out_shape, scale, res_affine = ras_shape, np.ones(3), ras_affine.copy()
+    else:
+        res_affine = ras_affine.copy()
+        res_affine[:3, :3] = ras_affine[:3, :3] * scale[None, :]
+    image = zoom_grid(np.ascontiguousarray(image, dtype=np.float32), scale, out_shape, order=1)
+    labels = {k: zoom_grid(np.ascontiguousarray(v), scale, out_shape, order=0) for k, v in labels.items()}
+
+    image = np.array(image, dtype=np.float32, copy=True)  # the intensity steps work in place
+    fg = np.zeros(out_shape, dtype=bool)
+    for c, mod in enumerate(params.modality):
+        if mod.upper() in CT_MODALITIES:
+            ct_window(image[c], params.window)
+            fg |= image[c] > 0
+        else:
+            fg |= image[c] != 0
+            mr_normalise(image[c])
+    if not fg.any():
+        what = (
+            f"at or below the window's low end ({params.window[0]:g} HU)"
+            if params.modality[0].upper() in CT_MODALITIES
+            else "zero"
+        )
+        raise DataError(f"no foreground: every voxel is {what} after resampling")
+    start, stop = foreground_box(fg)
+    sl = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    image = image[(slice(None), *sl)]
+    labels = {k: v[sl] for k, v in labels.items()}
+
+    crop_shape = image.shape[1:]
+    pad_before = [max(0, r - n) // 2 for n, r in zip(crop_shape, params.roi, strict=True)]
+    pad_after = [max(0, r - n) - b for n, r, b in zip(crop_shape, params.roi, pad_before, strict=True)]
+    if any(pad_before) or any(pad_after):
+        widths = list(zip(pad_before, pad_after, strict=True))
+        image = np.pad(image, [(0, 0), *widths], mode="constant", constant_values=0)
+        labels = {k: np.pad(v, widths, mode="constant", constant_values=0) for k, v in labels.items()}
+
+    shift = np.eye(4)
+    shift[:3, 3] = np.asarray(start) - np.asarray(pad_before)
+    meta = {
+        "shape": [int(n) for n in image.shape[1:]],
+        "n_channels": int(image.shape[0]),
+        "spacing": [float(s) for s in target],
+        "affine": (res_affine @ shift).tolist(),
+        "original_shape": list(original_shape),
+        "original_affine": original_affine.tolist(),
+        "original_spacing": [float(s) for s in voxel_spacing(original_affine)],
+        "ras_shape": list(ras_shape),
+        "scale": [float(s) for s in scale],
+        "resampled_shape": [int(n) for n in out_shape],
+        "resampled_affine": res_affine.tolist(),
+        "crop_start": list(start),
+        "crop_stop": list(stop),
+        "pad_before": pad_before,
+        "pad_after": pad_after,
+    }
+    return Prepared(np.ascontiguousarray(image), {k: np.ascontiguousarray(v) for k, v in labels.items()}, meta)
+
+
+def foreground_locations(label: np.ndarray, n: int = FG_SAMPLES, seed: int = 0) -> np.ndarray:
+    """Up to ``n`` random (x, y, z) positions of label > 0 voxels, (K, 3) int32 (for positive crop sampling)."""
+    idx = np.flatnonzero(label.ravel() > 0)
+    if idx.size > n:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=n, replace=False))
+    return np.stack(np.unravel_index(idx, label.shape), axis=1).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------- dataset driver
+def case_key(entry: Any, params: Params, context: dict[str, Any]) -> str:
+    """Cache key: sha256 of every input file + every parameter + the pipeline version + the label maps."""
+    from voco.io import sha256_file, stable_hash
+
+    files = [sha256_file(p) for p in entry.images]
+    files += [sha256_file(p) if p is not None else None for p in (entry.label, entry.label_full)]
+    return stable_hash({"version": PREPROCESS_VERSION, "files": files, "params": params.to_dict(), **context}, n=20)
+
+
+def _check_inputs_exist(entry: Any) -> None:
+    for what, p in [("image", p) for p in entry.images] + [("label", entry.label), ("label_full", entry.label_full)]:
+        if p is None:
+            continue
+        if not Path(p).exists():
+            raise DataError(f"{what} {p}: file not found")
+        if Path(p).stat().st_size == 0:
+            raise DataError(f"{what} {p}: empty file (0 bytes)")
+
+
+def process_entry(
+    entry: Any,
+    out_dir: Path,
+    params: Params,
+    dataset: str,
+    region: str,
+    labels: dict[int, str],
+    labels_full: dict[int, str],
+) -> dict[str, Any]:
+    """Pre-process one dataset.json entry into ``out_dir``; never raises DataError (returns a rejected row).
+
+    Returns:
+        the manifest row (paths relative to ``out_dir``), with ``cached`` True when the stored result was reused.
+    """
+    import shutil
+
+    from voco.data.store import case_dir, write_case
+    from voco.io import read_json
+
+    row: dict[str, Any] = {
+        "case_id": entry.case_id,
+        "dataset": dataset,
+        "region": region,
+        "status": "rejected",
+        "reason": "",
+        "shape": [],
+        "spacing": list(params.spacing),
+        "split": entry.split,
+        "labelled": entry.label is not None,
+        "class": int(entry.cls),
+        "image": "",
+        "label": "",
+        "label_full": "",
+        "meta": "",
+        "key": "",
+        "index": int(entry.index),
+        "n_channels": len(params.modality),
+        "original_shape": [],
+        "original_spacing": [],
+        "source": str(entry.images[0]),
+        "cached": False,
+    }
+    d = case_dir(out_dir, entry.case_id)
+    try:
+        _check_inputs_exist(entry)
+        key = case_key(entry, params, {"region": region, "labels": labels, "labels_full": labels_full})
+        row["key"] = key
+        meta_path = d / "meta.json"
+        if meta_path.is_file():
+            try:
+                old = read_json(meta_path)
+            except (OSError, ValueError):
+                old = {}
+            if old.get("key") == key and all((out_dir / p).is_file() for p in old.get("files", {}).values() if p):
+                row.update(old["row"])
+                row["cached"] = True
+                return row
+        image, affine = read_image(entry.images, len(params.modality))
+        lab: dict[str, np.ndarray] = {}
+        if entry.label is not None:
+            lab["label"] = read_label(entry.label, image.shape[1:], affine, labels, "label")
+        if entry.label_full is not None:
+            lab["label_full"] = read_label(entry.label_full, image.shape[1:], affine, labels_full, "label_full")
+        try:
+            prep = preprocess_arrays(image, affine, lab, params)
+        except DataError as e:
+            raise DataError(f"image {entry.images[0]}: {e}") from None
+        del image
+        fg = foreground_locations(prep.labels["label"], seed=int(key[:8], 16)) if "label" in prep.labels else None
+        meta = dict(prep.meta)
+        meta.update(
+            case_id=entry.case_id,
+            dataset=dataset,
+            region=region,
+            key=key,
+            params=params.to_dict(),
+            labels={str(k): v for k, v in labels.items()},
+            labels_full={str(k): v for k, v in labels_full.items()},
+            window=list(params.window),
+            source=[str(p) for p in entry.images],
+            version=PREPROCESS_VERSION,
+        )
+        row.update(
+            status="ok",
+            shape=meta["shape"],
+            original_shape=meta["original_shape"],
+            original_spacing=meta["original_spacing"],
+            n_channels=meta["n_channels"],
+        )
+        # write_case writes meta.json last: fill in what it will contain first.
+        rel = {
+            "image": os.path.relpath(d / "image.npy", out_dir),
+            "label": os.path.relpath(d / "label.npy", out_dir) if "label" in prep.labels else "",
+            "label_full": os.path.relpath(d / "label_full.npy", out_dir) if "label_full" in prep.labels else "",
+            "meta": os.path.relpath(meta_path, out_dir),
+        }
+        row.update(rel)
+        meta["files"] = {k: v for k, v in rel.items() if k != "meta"}
+        meta["row"] = {k: v for k, v in row.items() if k != "cached"}
+        written = write_case(out_dir, entry.case_id, prep.image, prep.labels, fg, meta, params.storage_dtype)
+        assert written == rel, (written, rel)
+        return row
+    except DataError as e:
+        row["reason"] = str(e)
+        shutil.rmtree(d, ignore_errors=True)  # no stale arrays for a case that is now rejected
+        return row
