@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml
 
 # The main job: the whole DAG on the embedded default (synthetic phantom CT) on CPU.
 run: venv
-	$(BIN)/snakemake --profile config/profiles/local all --cores $(CORES)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile config/profiles/local all --cores $(CORES)
 
 test: venv
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
