@@ -1,0 +1,93 @@
+# Sources phase: real datasets into data/raw/{dataset} (SOURCE.json written last), and the leakage audit.
+# Which rule makes data/raw/{dataset}/SOURCE.json depends on the card's source kind (wildcard constraints):
+#   synthetic                -> rule synth (rules/data.smk)
+#   http | huggingface       -> rule download (checked, resumable)
+#   manual                   -> rule download, which fails with the card's instructions until a local copy is given
+#   local, or download.local -> rule link (the user's folder, symlinked; SOURCE.json beside the links)
+
+LOCAL_COPIES = dict(config.get("download", {}).get("local", {}))
+LOCAL_IDS = [d for d in ALL_DATASETS if source_kind(d) != "synthetic" and (d in LOCAL_COPIES or source_kind(d) == "local")]
+DOWNLOAD_IDS = [
+    d for d in ALL_DATASETS if d not in LOCAL_IDS and source_kind(d) in ("http", "huggingface", "manual")
+]
+NO_MATCH = "(?!x)x"  # a wildcard constraint that never matches (no dataset of that kind)
+
+
+rule download:
+    """Fetch a dataset from its card's source (Hugging Face files / HTTP archive with checksum); manual cards explain."""
+    output:
+        f"{DATA}/raw/{{dataset}}/SOURCE.json",
+    wildcard_constraints:
+        dataset="|".join(DOWNLOAD_IDS) or NO_MATCH,
+    log:
+        f"{LOGS}/download/{{dataset}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/download/{{dataset}}.tsv"
+    params:
+        out=lambda wc: f"{DATA}/raw/{wc.dataset}",
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 24 * 60 * attempt,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    container:
+        CONTAINER
+    shell:
+        "{VOCO} download --config {VOCO_CONFIG} --dataset {wildcards.dataset} --out {params.out} > {log} 2>&1"
+
+
+rule link:
+    """Use the user's local copy (card source.kind local, or download.local.<id>): symlinks + SOURCE.json."""
+    output:
+        f"{DATA}/raw/{{dataset}}/SOURCE.json",
+    wildcard_constraints:
+        dataset="|".join(LOCAL_IDS) or NO_MATCH,
+    log:
+        f"{LOGS}/link/{{dataset}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/link/{{dataset}}.tsv"
+    params:
+        out=lambda wc: f"{DATA}/raw/{wc.dataset}",
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    container:
+        CONTAINER
+    shell:
+        "{VOCO} download --config {VOCO_CONFIG} --dataset {wildcards.dataset} --out {params.out} > {log} 2>&1"
+
+
+rule audit_leakage:
+    """Pre-training corpus vs every downstream evaluation split, by content hash (JSON + Markdown report)."""
+    input:
+        pretrain=[prep_manifest(d) for d in PRETRAIN],
+        downstream=[prep_manifest(d) for d in DOWNSTREAM],
+    output:
+        report=f"{RESULTS}/leakage/report.json",
+        table=f"{RESULTS}/leakage/report.md",
+    log:
+        f"{LOGS}/audit_leakage/audit_leakage.log",
+    benchmark:
+        f"{LOGS}/benchmarks/audit_leakage/audit_leakage.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    container:
+        CONTAINER
+    shell:
+        "{VOCO} audit-leakage --pretrain {input.pretrain} --downstream {input.downstream}"
+        " --out {output.report} --workers {threads} > {log} 2>&1"
+
+
+if PRETRAIN and DOWNSTREAM:
+    ALL_TARGETS.append(f"{RESULTS}/leakage/report.json")

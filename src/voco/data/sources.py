@@ -1,0 +1,797 @@
+"""Getting a dataset's raw files: Hugging Face dataset files, HTTP archives, local folders.
+
+Everything here uses the standard library (``urllib``) so it runs wherever the package runs. Guarantees:
+
+* **checked**: a file is only moved into place after its checksum matched (sha256 from the card or the user, md5 where
+  only that is published, the hub's LFS sha256 / git blob id for Hugging Face files). A mismatch raises
+  :class:`~voco.errors.DownloadError` and leaves nothing in place.
+* **resumable**: bytes arrive in ``<name>.part``; an interrupted or truncated transfer continues with an HTTP ``Range``
+  request instead of starting over.
+* **retried**: HTTP 5xx / 429, connection errors, time-outs and truncated bodies are retried with exponential backoff.
+* **atomic**: files appear under their final name only when complete (``os.replace``); ``SOURCE.json`` is written last.
+* **safe extraction**: zip / tar members with absolute paths, ``..`` components, links pointing out of the target,
+  devices or fifos are rejected before anything is extracted, and the error names the member.
+* **tokens** come from the environment (``HF_TOKEN`` by default) and are never logged or written anywhere; they are
+  sent only to the hub's own host (never forwarded on a redirect to another host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from voco.errors import ConfigError, DownloadError
+from voco.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+DOWNLOADS_DIR = ".downloads"  # inside the output folder: archives and .part files while they are being fetched
+SOURCE_FILE = "SOURCE.json"
+USER_AGENT = "voco-download/0.1 (+urllib)"
+_SPLIT_RE = (
+    re.compile(r"^(?P<base>.+)\.(?P<idx>\d{3})$"),  # name.zip.001, name.zip.002, ...
+    re.compile(r"^(?P<base>.+)\.part_?(?P<idx>[a-z]{2,})$"),  # name.tar.gz.part_aa / .partaa (split -a)
+)
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+@dataclasses.dataclass
+class Settings:
+    """Network settings (config section ``download``)."""
+
+    hf_base: str = "https://huggingface.co"
+    mirrors: dict[str, str] = dataclasses.field(default_factory=dict)
+    retries: int = 5
+    backoff_s: float = 1.0
+    backoff_max_s: float = 60.0
+    timeout_s: float = 60.0
+    chunk_bytes: int = 1 << 20
+    token_env: str = "HF_TOKEN"
+    keep_archives: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> Settings:
+        sec = dict((cfg or {}).get("download", {}) or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in sec.items() if k in known})
+
+    def token(self) -> str | None:
+        tok = os.environ.get(self.token_env, "").strip()
+        return tok or None
+
+    def apply_mirrors(self, url: str) -> str:
+        for prefix, repl in sorted(self.mirrors.items(), key=lambda kv: -len(kv[0])):
+            if url.startswith(prefix):
+                return repl + url[len(prefix) :]
+        return url
+
+
+@dataclasses.dataclass
+class RemoteFile:
+    """One file to fetch: where from, where to (relative to the downloads folder) and how to check it."""
+
+    url: str
+    name: str
+    sha256: str | None = None
+    md5: str | None = None
+    git_oid: str | None = None  # git blob sha1 (small, non-LFS files on the hub)
+    size: int | None = None
+    auth: bool = False  # send the token (only to the URL's own host)
+
+
+# --------------------------------------------------------------------------------------------------------- HTTP
+
+
+class _AuthAwareRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow redirects; keep the Authorization header only while the host stays the same."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401 - urllib signature
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is None:
+            return None
+        auth = req.unredirected_hdrs.get("Authorization")
+        if auth and urllib.parse.urlsplit(newurl).netloc == urllib.parse.urlsplit(req.full_url).netloc:
+            new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def _opener(follow_redirects: bool = True) -> urllib.request.OpenerDirector:
+    handler = _AuthAwareRedirect() if follow_redirects else _NoRedirect()
+    return urllib.request.build_opener(handler)
+
+
+def _request(url: str, settings: Settings, auth: bool, headers: dict[str, str] | None = None, method: str = "GET"):
+    req = urllib.request.Request(url, method=method)
+    req.add_header("User-Agent", USER_AGENT)
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    token = settings.token() if auth else None
+    if token:
+        # unredirected: urllib does not copy it onto redirected requests (_AuthAwareRedirect re-adds it on the same host)
+        req.add_unredirected_header("Authorization", f"Bearer {token}")
+    return req
+
+
+class _Retryable(Exception):
+    """A transient failure: retry after a backoff."""
+
+
+def _is_retryable_status(code: int) -> bool:
+    return code >= 500 or code in (408, 429)
+
+
+def _http_error(url: str, e: urllib.error.HTTPError, settings: Settings) -> DownloadError:
+    hint = ""
+    if e.code in (401, 403):
+        hint = (
+            f" (access denied: the dataset may be gated; accept its terms on the hub and export {settings.token_env}"
+            " with a read token)"
+        )
+    elif e.code == 404:
+        hint = " (not found: check the card's repo / file names or the mirror base URL)"
+    return DownloadError(f"{_redact(url)}: HTTP {e.code} {e.reason}{hint}")
+
+
+def _redact(url: str) -> str:
+    """Drop query strings (signed URLs carry credentials in them) and user:password from a URL before logging it."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _with_retries(what: str, settings: Settings, fn):
+    """Call ``fn()``; on :class:`_Retryable` sleep ``backoff_s * 2**k`` (capped) and try again, up to ``retries``."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except _Retryable as e:
+            if attempt >= settings.retries:
+                raise DownloadError(f"{what}: giving up after {attempt + 1} attempts: {e}") from None
+            delay = min(settings.backoff_s * (2**attempt), settings.backoff_max_s)
+            log.warning("%s: %s; retry %d/%d in %.1f s", what, e, attempt + 1, settings.retries, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+def get_json(url: str, settings: Settings, auth: bool = False) -> tuple[Any, dict[str, str]]:
+    """GET a JSON document (with retries); returns (document, response headers)."""
+
+    def once():
+        try:
+            with _opener().open(_request(url, settings, auth), timeout=settings.timeout_s) as resp:
+                body = resp.read()
+                return json.loads(body.decode("utf-8")), dict(resp.headers.items())
+        except urllib.error.HTTPError as e:
+            if _is_retryable_status(e.code):
+                raise _Retryable(f"HTTP {e.code}") from None
+            raise _http_error(url, e, settings) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+            raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
+        except json.JSONDecodeError as e:
+            raise DownloadError(f"{_redact(url)}: response is not JSON: {e}") from None
+
+    return _with_retries(_redact(url), settings, once)
+
+
+def _content_range_start(value: str | None) -> tuple[int | None, int | None]:
+    """Parse ``bytes START-END/TOTAL`` -> (START, TOTAL); None where absent or ``*``."""
+    if not value:
+        return None, None
+    m = re.match(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", value.strip())
+    if m:
+        return int(m.group(1)), (None if m.group(3) == "*" else int(m.group(3)))
+    m = re.match(r"bytes\s+\*/(\d+)", value.strip())
+    if m:
+        return None, int(m.group(1))
+    return None, None
+
+
+def _progress(total: int | None, initial: int, name: str, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return contextlib.nullcontext(None)
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name, leave=False)
+
+
+def fetch(remote: RemoteFile, dest: str | os.PathLike[str], settings: Settings) -> dict:
+    """Download ``remote`` to ``dest`` (resuming ``dest.part``), verify it, move it into place atomically.
+
+    Returns a provenance record ``{"name", "url", "size", "sha256", "verified"}``. An existing complete ``dest`` that
+    passes the checks is kept (no network access).
+
+    Raises:
+        DownloadError: HTTP 4xx, retries exhausted, or checksum mismatch (the partial file is removed then).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    url = settings.apply_mirrors(remote.url)
+    shown = _redact(url)
+    if dest.is_file():
+        record = _verify(dest, remote, shown, remove_on_mismatch=False)
+        if record is not None:
+            log.info("%s: already downloaded and verified", dest.name)
+            return record
+        log.warning("%s: existing file fails its checksum; downloading again", dest)
+        dest.unlink()
+    part = dest.with_name(dest.name + ".part")
+
+    def once() -> None:
+        have = part.stat().st_size if part.exists() else 0
+        if remote.size is not None and have == remote.size:
+            return  # complete already (a previous run died between the last byte and the rename)
+        if remote.size is not None and have > remote.size:
+            part.unlink()
+            have = 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        req = _request(url, settings, remote.auth, headers)
+        try:
+            resp = _opener().open(req, timeout=settings.timeout_s)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:
+                _, total = _content_range_start(e.headers.get("Content-Range"))
+                if total is not None and total == have:
+                    return  # the part file holds every byte
+                part.unlink()  # our partial file does not fit the remote file: start over
+                raise _Retryable("HTTP 416 for the partial file; restarting from byte 0") from None
+            if _is_retryable_status(e.code):
+                raise _Retryable(f"HTTP {e.code}") from None
+            raise _http_error(url, e, settings) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+            raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
+        with resp:
+            status = resp.status
+            length = resp.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() else None
+            mode = "ab"
+            start = have
+            if have and status == 206:
+                got_start, _ = _content_range_start(resp.headers.get("Content-Range"))
+                if got_start is not None and got_start != have:
+                    raise _Retryable(f"server resumed at byte {got_start}, expected {have}")
+                log.info("%s: resuming at byte %d", dest.name, have)
+            elif status == 200:
+                if have:
+                    log.info("%s: server ignored the Range request; starting over", dest.name)
+                mode, start = "wb", 0
+            elif status != 206:
+                raise DownloadError(f"{shown}: unexpected HTTP status {status}")
+            total = (start + expected) if expected is not None else remote.size
+            received = 0
+            with open(part, mode) as f, _progress(total, start, dest.name, settings.progress) as bar:
+                try:
+                    while block := resp.read(settings.chunk_bytes):
+                        f.write(block)
+                        received += len(block)
+                        if bar is not None:
+                            bar.update(len(block))
+                except (ConnectionError, TimeoutError, http.client.HTTPException, OSError) as e:
+                    raise _Retryable(
+                        f"transfer interrupted after {start + received} bytes ({type(e).__name__})"
+                    ) from None
+            if expected is not None and received < expected:
+                raise _Retryable(f"truncated transfer: {received} of {expected} bytes; will resume")
+
+    _with_retries(shown, settings, once)
+    record = _verify(part, remote, shown, remove_on_mismatch=True)
+    assert record is not None  # _verify raises on mismatch when remove_on_mismatch
+    os.replace(part, dest)
+    return record
+
+
+def _git_blob_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    h.update(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hashes(path: Path) -> tuple[str, str]:
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            sha.update(block)
+            md5.update(block)
+    return sha.hexdigest(), md5.hexdigest()
+
+
+def _verify(path: Path, remote: RemoteFile, shown: str, remove_on_mismatch: bool) -> dict | None:
+    """Check ``path`` against the remote's checksums. Returns the provenance record, None / raises on mismatch."""
+    size = path.stat().st_size
+    sha, md5 = _hashes(path)
+    problems = []
+    if remote.size is not None and size != remote.size:
+        problems.append(f"size {size} != expected {remote.size}")
+    if remote.sha256 and sha != remote.sha256.lower():
+        problems.append(f"sha256 {sha} != expected {remote.sha256.lower()}")
+    if remote.md5 and md5 != remote.md5.lower():
+        problems.append(f"md5 {md5} != expected {remote.md5.lower()}")
+    if remote.git_oid and _git_blob_sha1(path) != remote.git_oid.lower():
+        problems.append(f"git blob id differs from the hub's {remote.git_oid}")
+    if problems:
+        if not remove_on_mismatch:
+            return None
+        path.unlink()
+        raise DownloadError(
+            f"{shown}: checksum mismatch for {remote.name}: {'; '.join(problems)}. The download was removed; if the "
+            "file changed upstream, update the card's checksum (or pass --sha256)."
+        )
+    verified = [k for k, v in (("sha256", remote.sha256), ("md5", remote.md5), ("git_oid", remote.git_oid)) if v]
+    return {"name": remote.name, "url": shown, "size": size, "sha256": sha, "verified": verified}
+
+
+# ------------------------------------------------------------------------------------------------- Hugging Face
+
+
+def hf_file_url(repo: str, file: str, settings: Settings, revision: str = "main") -> str:
+    quoted = urllib.parse.quote(file)
+    return f"{settings.hf_base.rstrip('/')}/datasets/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/{quoted}"
+
+
+def hf_list_files(repo: str, settings: Settings, revision: str = "main") -> list[dict]:
+    """Every file of a hub dataset repository: ``[{"path", "size", "sha256"|None, "oid"}]`` (follows pagination)."""
+    base = settings.hf_base.rstrip("/")
+    url: str | None = f"{base}/api/datasets/{repo}/tree/{urllib.parse.quote(revision, safe='')}?recursive=true"
+    out: list[dict] = []
+    while url:
+        doc, headers = get_json(url, settings, auth=True)
+        if not isinstance(doc, list):
+            raise DownloadError(f"{_redact(url)}: unexpected tree listing (not a list)")
+        for entry in doc:
+            if entry.get("type") != "file":
+                continue
+            lfs = entry.get("lfs") or {}
+            out.append(
+                {
+                    "path": entry["path"],
+                    "size": lfs.get("size", entry.get("size")),
+                    "sha256": lfs.get("oid") or lfs.get("sha256"),
+                    "oid": None if lfs else entry.get("oid"),
+                }
+            )
+        url = _next_link(headers.get("Link") or headers.get("link"))
+        if url and url.startswith("/"):
+            url = base + url
+    return out
+
+
+def _next_link(link: str | None) -> str | None:
+    if not link:
+        return None
+    for part in link.split(","):
+        m = re.match(r'\s*<([^>]+)>\s*;\s*rel="?next"?', part)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _matches(path: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatch(path, p) or path.startswith(p.rstrip("/") + "/") for p in patterns)
+
+
+def plan(card: dict, settings: Settings, sha256: str | None = None) -> list[RemoteFile]:
+    """The files a card's source asks for, with the checksums to verify them against.
+
+    Args:
+        card: a validated dataset card.
+        sha256: the user's checksum for a single-file http source whose card has none.
+
+    Raises:
+        DownloadError: the hub listing has no file that matches the card, or a listed file is missing.
+        ConfigError: the card's source cannot be downloaded (local / manual / synthetic, or missing keys).
+    """
+    src = card["source"]
+    kind = src["kind"]
+    if kind == "http":
+        urls = [src["url"]] if src.get("url") else []
+        urls += list(src.get("urls", []))
+        if not urls:
+            raise ConfigError(f"dataset {card['id']}: source.kind http needs source.url")
+        checks = dict(src.get("checksums", {}))
+        out = []
+        for url in urls:
+            name = PurePosixPath(urllib.parse.urlsplit(url).path).name or "download"
+            c = checks.get(name, {}) if isinstance(checks.get(name), dict) else {"sha256": checks.get(name)}
+            sha = c.get("sha256") or (src.get("sha256") if len(urls) == 1 else None)
+            md5 = c.get("md5") or (src.get("md5") if len(urls) == 1 else None)
+            if sha256 and len(urls) == 1:
+                sha = sha256
+            out.append(RemoteFile(url=url, name=name, sha256=sha, md5=md5))
+        return out
+    if kind == "huggingface":
+        repo = src.get("repo")
+        if not repo:
+            raise ConfigError(f"dataset {card['id']}: source.kind huggingface needs source.repo")
+        rev = src.get("revision", "main")
+        listing = {f["path"]: f for f in hf_list_files(repo, settings, rev)}
+        wanted: list[str]
+        if src.get("files"):
+            missing = [f for f in src["files"] if f not in listing]
+            if missing:
+                raise DownloadError(
+                    f"dataset {card['id']}: {len(missing)} file(s) listed in the card are not in hub repo {repo}@{rev}: "
+                    f"{', '.join(missing[:5])}"
+                )
+            wanted = list(src["files"])
+        else:
+            patterns = src.get("include") or ["*"]
+            wanted = sorted(p for p in listing if _matches(p, patterns))
+            if not wanted:
+                raise DownloadError(
+                    f"dataset {card['id']}: no file in hub repo {repo}@{rev} matches include {patterns}; "
+                    f"run `voco download --dataset {card['id']} --list` and fix the card's source.include"
+                )
+        checks = src.get("checksums", {})
+        out = []
+        for path in wanted:
+            meta = listing[path]
+            c = checks.get(path)
+            out.append(
+                RemoteFile(
+                    url=hf_file_url(repo, path, settings, rev),
+                    name=path,
+                    sha256=(c if isinstance(c, str) else None) or meta.get("sha256"),
+                    git_oid=meta.get("oid"),
+                    size=meta.get("size"),
+                    auth=True,
+                )
+            )
+        return out
+    if kind == "manual":
+        raise ConfigError(manual_message(card))
+    if kind == "local":
+        raise ConfigError(f"dataset {card['id']}: source.kind local is linked, not downloaded (voco download links it)")
+    raise ConfigError(f"dataset {card['id']}: source.kind {kind} is not downloadable (use `voco synth` for synthetic)")
+
+
+def manual_message(card: dict) -> str:
+    src = card["source"]
+    text = (src.get("instructions") or "obtain the data from its publisher").strip()
+    return (
+        f"dataset {card['id']} ({card.get('name', card['id'])}) cannot be downloaded automatically (licence-gated).\n"
+        f"{text}\n"
+        f"Then point the pipeline at your copy: add `download: {{local: {{{card['id']}: /path/to/copy}}}}` to an "
+        f"override file (or run `voco download --dataset {card['id']} --from /path/to/copy --out data/raw/{card['id']}`)."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- split archives
+
+
+def split_groups(names: Iterable[str]) -> dict[str, list[str]]:
+    """Group split-archive parts by the joined name, each group in order.
+
+    Raises:
+        DownloadError: a group has a gap (e.g. ``.001`` and ``.003`` but no ``.002``).
+    """
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for n in names:
+        for rx in _SPLIT_RE:
+            m = rx.match(n)
+            if m and any(m.group("base").endswith(s) for s in _ARCHIVE_SUFFIXES):
+                groups.setdefault(m.group("base"), []).append((m.group("idx"), n))
+                break
+    out = {}
+    for base, parts in groups.items():
+        parts.sort(key=lambda p: (len(p[0]), p[0]))
+        idx = [p[0] for p in parts]
+        if idx[0].isdigit():
+            nums = [int(i) for i in idx]
+            if nums != list(range(nums[0], nums[0] + len(nums))) or nums[0] not in (0, 1):
+                raise DownloadError(f"split archive {base}: parts {idx} are not consecutive from 000/001")
+        else:
+            expect = [_alpha_index(i) for i in idx]
+            if expect != list(range(len(idx))):
+                raise DownloadError(f"split archive {base}: parts {idx} are not consecutive from 'aa'")
+        out[base] = [p[1] for p in parts]
+    return out
+
+
+def _alpha_index(s: str) -> int:
+    v = 0
+    for ch in s:
+        v = v * 26 + (ord(ch) - ord("a"))
+    return v
+
+
+def join_parts(parts: list[Path], dest: Path) -> Path:
+    """Concatenate ``parts`` in order into ``dest`` (atomic)."""
+    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------- safe extraction
+
+
+def is_archive(name: str) -> bool:
+    return name.lower().endswith(_ARCHIVE_SUFFIXES)
+
+
+def _check_member_path(archive: Path, name: str, root: Path) -> Path:
+    if not name or "\x00" in name:
+        raise DownloadError(f"{archive}: unsafe member {name!r}: empty or NUL in name")
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm):
+        raise DownloadError(f"{archive}: unsafe member {name!r}: absolute path")
+    if ".." in PurePosixPath(norm).parts:
+        raise DownloadError(f"{archive}: unsafe member {name!r}: path traversal ('..')")
+    target = (root / norm).resolve()
+    if not _inside(target, root):
+        raise DownloadError(f"{archive}: unsafe member {name!r}: resolves outside the target folder")
+    return target
+
+
+def _inside(path: Path, root: Path) -> bool:
+    root = root.resolve()
+    return path == root or root in path.parents
+
+
+def _check_link(archive: Path, name: str, link: str, root: Path, hard: bool) -> None:
+    norm_name = name.replace("\\", "/")
+    if link.startswith("/") or re.match(r"^[A-Za-z]:", link):
+        raise DownloadError(f"{archive}: unsafe member {name!r}: link to absolute path {link!r}")
+    base = root if hard else (root / norm_name).parent
+    target = Path(os.path.normpath(base / link))
+    if not _inside(target, root):
+        raise DownloadError(f"{archive}: unsafe member {name!r}: link {link!r} points outside the target folder")
+
+
+def safe_extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> list[str]:
+    """Extract a zip / tar(.gz|.bz2|.xz) archive into ``dest`` after checking every member.
+
+    Every member is checked before the first byte is written: absolute paths, ``..`` components, symlinks or
+    hardlinks pointing outside ``dest``, devices and fifos raise :class:`DownloadError` naming the member.
+
+    Returns:
+        the extracted member names.
+    """
+    archive, dest = Path(archive), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    name = archive.name.lower()
+    if name.endswith(".zip"):
+        return _extract_zip(archive, root)
+    if name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+        return _extract_tar(archive, root)
+    raise DownloadError(f"{archive}: not a supported archive (zip, tar, tar.gz, tgz, tar.bz2, tar.xz)")
+
+
+def _extract_zip(archive: Path, root: Path) -> list[str]:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as e:
+        raise DownloadError(f"{archive}: not a valid zip file: {e}") from None
+    with zf:
+        infos = zf.infolist()
+        for info in infos:
+            _check_member_path(archive, info.filename, root)
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                link = zf.read(info).decode("utf-8", "replace")
+                _check_link(archive, info.filename, link, root, hard=False)
+                raise DownloadError(f"{archive}: unsafe member {info.filename!r}: symbolic links are not extracted")
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise DownloadError(f"{archive}: unsafe member {info.filename!r}: special file")
+        for info in infos:
+            target = _check_member_path(archive, info.filename, root)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        return [i.filename for i in infos]
+
+
+def _extract_tar(archive: Path, root: Path) -> list[str]:
+    try:
+        tf = tarfile.open(archive)
+    except tarfile.TarError as e:
+        raise DownloadError(f"{archive}: not a valid tar file: {e}") from None
+    with tf:
+        members = tf.getmembers()
+        for m in members:
+            _check_member_path(archive, m.name, root)
+            if m.issym():
+                _check_link(archive, m.name, m.linkname, root, hard=False)
+            elif m.islnk():
+                _check_link(archive, m.name, m.linkname, root, hard=True)
+            elif not (m.isfile() or m.isdir()):
+                raise DownloadError(f"{archive}: unsafe member {m.name!r}: device, fifo or other special file")
+        # The stdlib 'data' filter re-checks the same things (and strips set-uid bits) as a second line of defence.
+        try:
+            tf.extractall(root, members=members, filter="data")
+        except tarfile.FilterError as e:
+            raise DownloadError(f"{archive}: unsafe member: {e}") from None
+        return [m.name for m in members]
+
+
+def merge_move(src: Path, dest: Path) -> None:
+    """Move the contents of ``src`` into ``dest``, merging folders (files are replaced)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in list(src.iterdir()):
+        target = dest / entry.name
+        if entry.is_dir() and not entry.is_symlink() and target.is_dir() and not target.is_symlink():
+            merge_move(entry, target)
+            entry.rmdir()
+        else:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+
+
+def _single_top_folder(folder: Path) -> Path | None:
+    entries = [e for e in folder.iterdir() if not e.name.startswith("__MACOSX")]
+    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
+        return entries[0]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- entry points
+
+
+def download_dataset(
+    card: dict,
+    out: str | os.PathLike[str],
+    settings: Settings,
+    sha256: str | None = None,
+    allow_unverified: bool = False,
+    flatten: bool = True,
+) -> dict:
+    """Fetch a card's source into ``out``: download, join split archives, extract safely, write SOURCE.json last.
+
+    Args:
+        card: validated dataset card (source kind http or huggingface).
+        out: the raw folder, ``data/raw/<id>``.
+        sha256: the user's checksum for a single-file http source without one in the card.
+        allow_unverified: accept http files that have no checksum at all (recorded as unverified).
+        flatten: an archive holding a single top-level folder is unpacked into ``out`` directly.
+
+    Returns:
+        the SOURCE.json document.
+    """
+    out = Path(out)
+    remotes = plan(card, settings, sha256=sha256)
+    unverified = [r.name for r in remotes if not (r.sha256 or r.md5 or r.git_oid)]
+    if unverified and card["source"]["kind"] == "http" and not allow_unverified:
+        raise DownloadError(
+            f"dataset {card['id']}: no checksum for {', '.join(unverified)}: the card has none. Pass --sha256 HEX "
+            "(the publisher's checksum) or --allow-unverified to record it as unverified."
+        )
+    (out / SOURCE_FILE).unlink(missing_ok=True)  # a stale SOURCE.json must not outlive a new download
+    dl = out / DOWNLOADS_DIR
+    records = []
+    for r in remotes:
+        log.info("fetching %s", r.name)
+        records.append(fetch(r, dl / r.name, settings))
+    names = [r.name for r in remotes]
+    joined: list[Path] = []
+    grouped = split_groups(names)
+    in_groups = {n for parts in grouped.values() for n in parts}
+    for base, parts in grouped.items():
+        log.info("joining %d parts into %s", len(parts), base)
+        joined.append(join_parts([dl / p for p in parts], dl / base))
+    plain = [dl / n for n in names if n not in in_groups]
+    extracted: list[str] = []
+    for f in [*plain, *joined]:
+        if is_archive(f.name):
+            staging = dl / f".extract-{PurePosixPath(f.name).name}"
+            shutil.rmtree(staging, ignore_errors=True)
+            log.info("extracting %s", f.name)
+            members = safe_extract(f, staging)
+            extracted.append(f.name)
+            log.debug("%s: %d members", f.name, len(members))
+            top = _single_top_folder(staging) if flatten else None
+            merge_move(top or staging, out)
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            target = out / f.relative_to(dl)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if settings.keep_archives:
+                shutil.copy2(f, target)
+            else:
+                os.replace(f, target)
+    if not settings.keep_archives:
+        shutil.rmtree(dl, ignore_errors=True)
+    src = card["source"]
+    doc = {
+        "dataset": card["id"],
+        "kind": src["kind"],
+        "repo": src.get("repo"),
+        "revision": src.get("revision", "main") if src["kind"] == "huggingface" else None,
+        "files": records,
+        "joined": [p.name for p in joined],
+        "extracted": extracted,
+        "unverified": [r["name"] for r in records if not r["verified"]],
+    }
+    write_json(out / SOURCE_FILE, doc)
+    return doc
+
+
+def link_local(
+    card: dict,
+    src_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    copy: bool = False,
+    hash_files: bool = False,
+) -> dict:
+    """Make ``out`` show the user's local copy ``src_dir``: one symlink (or copy) per top-level entry + SOURCE.json.
+
+    The user's folder is never written to; SOURCE.json goes into ``out``.
+    """
+    src_dir = Path(src_dir).expanduser()
+    out = Path(out)
+    if not src_dir.is_dir():
+        raise DownloadError(f"dataset {card['id']}: local source folder {src_dir} does not exist")
+    src_dir = src_dir.resolve()
+    entries = sorted(e for e in src_dir.iterdir() if e.name != SOURCE_FILE)
+    if not entries:
+        raise DownloadError(f"dataset {card['id']}: local source folder {src_dir} is empty")
+    if out.resolve() == src_dir:
+        raise DownloadError(f"dataset {card['id']}: the local copy {src_dir} is the output folder itself")
+    (out / SOURCE_FILE).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for e in entries:
+        target = out / e.name
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+        if copy:
+            (shutil.copytree if e.is_dir() else shutil.copy2)(e, target)
+        else:
+            target.symlink_to(e, target_is_directory=e.is_dir())
+    files = []
+    n_files, total = 0, 0
+    for p in sorted(src_dir.rglob("*")):
+        if p.is_file():
+            n_files += 1
+            size = p.stat().st_size
+            total += size
+            if hash_files:
+                files.append({"name": str(p.relative_to(src_dir)), "size": size, "sha256": _hashes(p)[0]})
+    doc = {
+        "dataset": card["id"],
+        "kind": "local",
+        "path": str(src_dir),
+        "mode": "copy" if copy else "symlink",
+        "entries": [e.name for e in entries],
+        "n_files": n_files,
+        "total_bytes": total,
+        "files": files,
+    }
+    write_json(out / SOURCE_FILE, doc)
+    return doc
