@@ -65,8 +65,18 @@ def card_format(dataset):
     return CARDS[dataset].get("format", "msd")
 
 
+def shards_for(dataset):
+    """Shards of one dataset: preprocess.shards at most, about preprocess.cases_per_shard cases each (from the
+    card's expected_count; no count -> preprocess.shards). Small datasets get few jobs, 160K-case corpora many."""
+    n = CARDS[dataset].get("expected_count")
+    per = config["preprocess"]["cases_per_shard"]
+    if not n:
+        return SHARDS
+    return max(1, min(SHARDS, -(-int(n) // per)))
+
+
 def shard_manifests(dataset):
-    return [f"{DATA}/prep/{dataset}/shard-{k}/manifest.parquet" for k in range(SHARDS)]
+    return [f"{DATA}/prep/{dataset}/shard-{k}/manifest.parquet" for k in range(shards_for(dataset))]
 
 
 def prep_manifest(dataset):

@@ -67,7 +67,7 @@ rule preprocess:
         f"{LOGS}/benchmarks/preprocess/{{dataset}}/shard-{{shard}}.tsv"
     params:
         out=lambda wc: f"{DATA}/prep/{wc.dataset}",
-        shards=SHARDS,
+        shards=lambda wc: shards_for(wc.dataset),
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,

@@ -24,6 +24,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     sfx = suffix if suffix is not None else "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + sfx, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared (DVC cache, cluster groups)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -32,6 +33,12 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> None:
