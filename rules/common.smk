@@ -1,6 +1,7 @@
-# Shared helpers for the rule files: dataset cards, paths, shards. Keep it small: logic belongs in src/voco.
-import yaml
+# Shared helpers for the rule files (dataset cards, paths, shards). Keep it small; logic belongs in src/voco.
 from pathlib import Path
+
+import yaml
 
 DATA = config["paths"]["data"]
 RUNS = config["paths"]["runs"]
@@ -33,7 +34,9 @@ def _write_resolved_config():
     return str(path)
 
 
-VOCO_CONFIG = _write_resolved_config()  # pass as `--config {VOCO_CONFIG}` to every voco subcommand that reads config
+# Rules pass it to the CLI as `params: config=VOCO_CONFIG` + `--config {params.config}`, so that
+# `snakemake --configfile` overrides reach every `voco` call.
+VOCO_CONFIG = _write_resolved_config()
 
 
 def card(dataset):
@@ -82,7 +85,3 @@ def shard_manifests(dataset):
 def prep_manifest(dataset):
     return f"{DATA}/prep/{dataset}/manifest.parquet"
 
-
-wildcard_constraints:
-    dataset="[a-z0-9_]+",
-    shard=r"\d+",

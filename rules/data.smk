@@ -14,6 +14,7 @@ rule synth:
         f"{LOGS}/benchmarks/synth/{{dataset}}.tsv"
     params:
         out=lambda wc: f"{DATA}/raw/{wc.dataset}",
+        config=VOCO_CONFIG,
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
@@ -24,7 +25,7 @@ rule synth:
     container:
         CONTAINER
     shell:
-        "{VOCO} synth --config {VOCO_CONFIG} --dataset {wildcards.dataset} --out {params.out} > {log} 2>&1"
+        "voco synth --config {params.config} --dataset {wildcards.dataset} --out {params.out} > {log} 2>&1"
 
 
 rule convert:
@@ -51,7 +52,7 @@ rule convert:
     container:
         CONTAINER
     shell:
-        "{VOCO} convert --input {params.raw} --format {params.fmt} --dataset {wildcards.dataset}"
+        "voco convert --input {params.raw} --format {params.fmt} --dataset {wildcards.dataset}"
         " --out {params.out} > {log} 2>&1"
 
 
@@ -67,6 +68,7 @@ rule preprocess:
         f"{LOGS}/benchmarks/preprocess/{{dataset}}/shard-{{shard}}.tsv"
     params:
         out=lambda wc: f"{DATA}/prep/{wc.dataset}",
+        config=VOCO_CONFIG,
         shards=lambda wc: shards_for(wc.dataset),
     threads: 1
     resources:
@@ -78,7 +80,7 @@ rule preprocess:
     container:
         CONTAINER
     shell:
-        "{VOCO} preprocess --config {VOCO_CONFIG} --dataset-json {input} --out {params.out} --dataset {wildcards.dataset}"
+        "voco preprocess --config {params.config} --dataset-json {input} --out {params.out} --dataset {wildcards.dataset}"
         " --shard {wildcards.shard} --num-shards {params.shards} > {log} 2>&1"
 
 
@@ -102,7 +104,7 @@ rule merge_manifest:
     container:
         CONTAINER
     shell:
-        "{VOCO} merge-manifest --inputs {input} --out {output} > {log} 2>&1"
+        "voco merge-manifest --inputs {input} --out {output} > {log} 2>&1"
 
 
 rule preprocess_all:

@@ -25,6 +25,7 @@ rule download:
         f"{LOGS}/benchmarks/download/{{dataset}}.tsv"
     params:
         out=lambda wc: f"{DATA}/raw/{wc.dataset}",
+        config=VOCO_CONFIG,
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 1000 * attempt,
@@ -35,7 +36,7 @@ rule download:
     container:
         CONTAINER
     shell:
-        "{VOCO} download --config {VOCO_CONFIG} --dataset {wildcards.dataset} --out {params.out} > {log} 2>&1"
+        "voco download --config {params.config} --dataset {wildcards.dataset} --out {params.out} > {log} 2>&1"
 
 
 rule link:
@@ -50,6 +51,7 @@ rule link:
         f"{LOGS}/benchmarks/link/{{dataset}}.tsv"
     params:
         out=lambda wc: f"{DATA}/raw/{wc.dataset}",
+        config=VOCO_CONFIG,
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 1000 * attempt,
@@ -60,7 +62,7 @@ rule link:
     container:
         CONTAINER
     shell:
-        "{VOCO} download --config {VOCO_CONFIG} --dataset {wildcards.dataset} --out {params.out} > {log} 2>&1"
+        "voco download --config {params.config} --dataset {wildcards.dataset} --out {params.out} > {log} 2>&1"
 
 
 rule audit_leakage:
@@ -85,7 +87,7 @@ rule audit_leakage:
     container:
         CONTAINER
     shell:
-        "{VOCO} audit-leakage --pretrain {input.pretrain} --downstream {input.downstream}"
+        "voco audit-leakage --pretrain {input.pretrain} --downstream {input.downstream}"
         " --out {output.report} --workers {threads} > {log} 2>&1"
 
 
