@@ -1,0 +1,1 @@
+"""Training: the one loop every stage uses (``voco.train.loop.train``), checkpoints, DDP helpers, stages."""

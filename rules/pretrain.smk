@@ -1,0 +1,49 @@
+# VoCo self-supervised pre-training (SPEC 2): the preprocessed pre-training corpus -> runs/pretrain/<run>/ssl/.
+# The run resumes from its folder's last.pt (the shared loop), so a killed or pre-empted job continues where it was.
+# Multi-GPU: give the rule gpu=N (e.g. `--set-resources pretrain_ssl:gpu=4` or the SLURM profile); with N > 1 the
+# command re-runs itself under `torchrun --standalone --nproc_per_node=<GPUs visible to the job>` (DDP).
+
+SSL_RUN = f"{RUNS}/pretrain/{config['pretrain']['run']}/ssl"
+
+
+rule pretrain_ssl:
+    """VoCo / VoCo-v1 self-supervised pre-training on every pre-training store (region-balanced sampling)."""
+    input:
+        prep=[prep_manifest(d) for d in PRETRAIN],
+    output:
+        final=f"{SSL_RUN}/final.pt",
+        backbone=f"{SSL_RUN}/backbone.pt",
+        summary=f"{SSL_RUN}/summary.json",
+        metrics=f"{SSL_RUN}/metrics.jsonl",
+        progress=report(
+            f"{SSL_RUN}/progress.png",
+            category="Pre-training",
+            labels={"stage": "ssl", "method": config["pretrain"]["method"]},
+        ),
+    log:
+        f"{LOGS}/pretrain_ssl/{config['pretrain']['run']}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/pretrain_ssl/{config['pretrain']['run']}.tsv"
+    params:
+        prep=lambda wc, input: " ".join(str(Path(p).parent) for p in input.prep),
+        out=lambda wc, output: Path(output.final).parent,
+        method=config["pretrain"]["method"],
+        # more than one GPU: `auto` = as many DDP processes (torchrun) as GPUs visible to the job; else one process
+        nproc=lambda wc, resources: "auto" if int(resources.gpu) > 1 else "1",
+        voco=VOCO,
+        config=VOCO_CONFIG,
+    threads: 2
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 240 * attempt,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    container:
+        CONTAINER
+    shell:
+        "OMP_NUM_THREADS={threads} {params.voco} pretrain --method {params.method} --prep {params.prep}"
+        " --out {params.out} --nproc {params.nproc} --config {params.config} > {log} 2>&1"
+
+
+ALL_TARGETS.extend([f"{SSL_RUN}/final.pt", f"{SSL_RUN}/backbone.pt", f"{SSL_RUN}/summary.json"])

@@ -1,0 +1,133 @@
+"""``voco pretrain``: pre-train a backbone.
+
+Dispatch by method / stage to the stage modules (each runs on the shared loop in ``voco.train.loop``):
+
+* ``--method voco|voco-v1`` (``--stage ssl``, the default): ``voco.train.pretrain_ssl.run_ssl``;
+* ``--stage 1|2`` (omni-supervised VoCo, SPEC 3): ``voco.omni.stages.run_stage``;
+* ``--method suprem`` (SPEC 5): ``voco.omni.suprem.run_suprem``.
+
+``--nproc N|auto`` re-runs the same command under ``torchrun --standalone --nproc_per_node=N`` (DDP) when N > 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from voco.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("voco", "voco-v1", "suprem")
+STAGES = ("ssl", "1", "2")
+
+# (method family, stage) -> (module, function)
+DISPATCH = {
+    ("ssl", "ssl"): ("voco.train.pretrain_ssl", "run_ssl"),
+    ("ssl", "1"): ("voco.omni.stages", "run_stage"),
+    ("ssl", "2"): ("voco.omni.stages", "run_stage"),
+    ("suprem", "ssl"): ("voco.omni.suprem", "run_suprem"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=None,
+        help="voco (TPAMI, default: pretrain.method), voco-v1 (CVPR 2024) or suprem (supervised)",
+    )
+    parser.add_argument(
+        "--stage",
+        choices=STAGES,
+        default="ssl",
+        help="ssl = self-supervised only (default); 1 / 2 = omni-supervised stages (SPEC 3)",
+    )
+    parser.add_argument(
+        "--prep",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="pre-processed stores (folders holding manifest.parquet) of the pre-training corpus",
+    )
+    parser.add_argument("--out", required=True, help="run folder, e.g. runs/pretrain/default/ssl")
+    parser.add_argument("--config", default=None, help="config file (default config/config.yaml)")
+    parser.add_argument("--override", action="append", default=[], metavar="PATH", help="override file (repeatable)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the config's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="volumes per step per process")
+    parser.add_argument("--seed", type=int, default=None, help="seed (default: pretrain.seed)")
+    parser.add_argument(
+        "--num-workers", type=int, default=None, help="DataLoader workers (default: pretrain.num_workers)"
+    )
+    parser.add_argument(
+        "--nproc",
+        default="1",
+        metavar="N|auto",
+        help="DDP processes on this node (auto = visible GPUs); > 1 re-runs under torchrun",
+    )
+    # stage-specific inputs (omni stages); ignored by the SSL stage
+    parser.add_argument(
+        "--labelled", nargs="*", default=[], metavar="DIR", help="omni stages: stores with (curated) labels"
+    )
+    parser.add_argument("--pseudo", default=None, metavar="DIR", help="stage 2: pseudo-label folder")
+    parser.add_argument(
+        "--init", default=None, metavar="CKPT", help="start from this checkpoint (e.g. stage 1 final.pt)"
+    )
+
+
+def resolve(args: argparse.Namespace, cfg: dict) -> tuple[str, str]:
+    """(module, function) that runs this call."""
+    method = args.method or cfg.get("pretrain", {}).get("method", "voco")
+    args.method = method
+    family = "suprem" if method == "suprem" else "ssl"
+    key = (family, str(args.stage))
+    if key not in DISPATCH:
+        raise ConfigError(f"voco pretrain: --method {method} has no --stage {args.stage}")
+    return DISPATCH[key]
+
+
+def strip_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE`` (torchrun would take ``--nproc`` as its own option)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from voco.config import load_config
+    from voco.train import distributed as dist
+
+    cfg = load_config(args.config, args.override)
+    module_name, func_name = resolve(args, cfg)
+    nproc = dist.resolve_nproc(args.nproc)
+    if nproc > 1 and not dist.under_torchrun():
+        argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("voco", "cli.py")) else None
+        if argv is None:
+            raise ConfigError("--nproc > 1 needs the `voco` command line (run `voco pretrain ... --nproc N`)")
+        return dist.relaunch_under_torchrun(nproc, strip_option(argv, "--nproc"))
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            raise ConfigError(
+                f"voco pretrain --method {args.method} --stage {args.stage}: {module_name} is not "
+                "available in this version"
+            ) from e
+        raise
+    dist.init_distributed()
+    try:
+        if dist.is_main():
+            log.info(
+                "voco pretrain %s stage %s -> %s (%s.%s)", args.method, args.stage, args.out, module_name, func_name
+            )
+        return int(getattr(module, func_name)(cfg, args) or 0)
+    finally:
+        dist.cleanup()

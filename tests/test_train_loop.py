@@ -1,0 +1,213 @@
+"""The shared training loop: checkpoints, exact resume after SIGKILL, DDP (2 CPU processes, gloo) parity, logging.
+
+This file is also the child script of the subprocess tests: ``python tests/test_train_loop.py MODE OUT [options]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+B_GLOBAL = 4
+BATCHES_PER_EPOCH = 3
+SIDE = 16
+
+
+def toy_model(seed: int = 0):
+    from voco.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model("cnn_small", in_channels=1, out_channels=2, feature_size=4)
+
+
+def toy_batches(epoch: int, start: int = 0):
+    """Deterministic per epoch; each rank takes its contiguous share of the global batch."""
+    from voco.train import distributed as dist
+
+    g = torch.Generator().manual_seed(1000 + epoch)
+    xs = torch.rand(BATCHES_PER_EPOCH, B_GLOBAL, 1, SIDE, SIDE, SIDE, generator=g)
+    per = B_GLOBAL // dist.world_size()
+    r = dist.rank()
+    for t in range(start, BATCHES_PER_EPOCH):
+        yield {"x": xs[t, r * per : (r + 1) * per]}
+
+
+def make_step(noisy: bool):
+    def step(net, batch):
+        x = batch["x"]
+        if noisy:  # exercise the torch, numpy and python RNG streams (all must be restored on resume)
+            x = torch.nn.functional.dropout(x, 0.2, training=True)
+            x = x + 0.01 * torch.from_numpy(np.random.normal(size=x.shape).astype(np.float32))
+            x = x * (1.0 + 0.01 * random.random())
+        logits = net(x)
+        target = (batch["x"] > 0.5).long()[:, 0]
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        acc = (logits.argmax(1) == target).float().mean()
+        return {"total": loss, "ce": loss.detach(), "acc": acc}
+
+    return step
+
+
+def run_toy(out: str | Path, steps: int, noisy: bool, sleep: float = 0.0, checkpoint_every: int = 2, stage: str = "toy"):
+    from voco.ssl.heads import EMA
+    from voco.train.loop import LoopConfig, train
+
+    torch.set_num_threads(1)
+    model = toy_model()
+    ema = EMA.copy_of(model, 0.9)
+
+    def after(step_no, m):
+        ema.update(m)
+        if sleep:
+            time.sleep(sleep)
+
+    cfg = LoopConfig(steps=steps, lr=3e-3, warmup=2, checkpoint_every=checkpoint_every, seed=5, stage=stage,
+                     method="test", log_every=1)
+    res = train(model, make_step(noisy), toy_batches, cfg, out, ema=ema, after_step=after, crops_per_step=B_GLOBAL)
+    return model, ema, res
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+# ------------------------------------------------------------------------------------------------------------ tests
+def test_checkpoint_contract_and_progress_files(tmp_path):
+    model, ema, res = run_toy(tmp_path, steps=4, noisy=True)
+    assert res.final == tmp_path / "final.pt" and res.final.is_file()
+    assert not (tmp_path / "last.pt").exists()
+    ck = torch.load(res.final, map_location="cpu", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "ema", "rng", "step", "stage", "method", "config", "data"):
+        assert key in ck, key
+    assert ck["step"] == 4 and ck["stage"] == "toy" and ck["method"] == "test"
+    assert set(ck["rng"][0]) >= {"python", "numpy", "torch"}
+    assert ck["ema"]["updates"] == 4
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert {"total", "ce", "acc", "lr", "crops_per_s", "step_s"} <= set(lines[0])
+    assert lines[0]["lr"] == pytest.approx(3e-3 * 0.5)  # warmup step 1 of 2 -> then cosine
+    png = tmp_path / "progress.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # finished runs are not redone
+    _, _, again = run_toy(tmp_path, steps=4, noisy=True)
+    assert again.resumed_from == 4
+
+
+def test_resume_refuses_another_stage(tmp_path):
+    from voco.errors import CheckpointError
+
+    run_toy(tmp_path, steps=2, noisy=False)
+    with pytest.raises(CheckpointError, match="stage"):
+        run_toy(tmp_path, steps=3, noisy=False, stage="other")
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    from voco.train.loop import lr_lambda
+
+    f = lr_lambda(10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    steps = 6
+    ref_model, ref_ema, _ = run_toy(tmp_path / "ref", steps=steps, noisy=True)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "toy", str(out), "--steps", str(steps)]
+    proc = subprocess.Popen([*cmd, "--sleep", "0.5"], env=_child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "last.pt").exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
+    assert not (out / "final.pt").exists()
+    killed_at = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step"]
+    assert 2 <= killed_at < steps
+
+    done = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {out / 'last.pt'} at step {killed_at}" in done.stderr
+    resumed = torch.load(out / "final.pt", map_location="cpu", weights_only=True)
+    for name, ref in ref_model.state_dict().items():
+        assert torch.equal(resumed["model"][name], ref), name
+    for name, ref in ref_ema.module.state_dict().items():
+        assert torch.equal(resumed["ema"]["module"][name], ref), name
+    steps_logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps_logged == list(range(1, steps + 1))  # records past the checkpoint were dropped and redone
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path):
+    steps = 4
+    single, _, _ = run_toy(tmp_path / "single", steps=steps, noisy=False)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).resolve()), "ddp", str(out), "--steps", str(steps)]
+    done = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ddp = _weights(out / "final.pt")
+    ck = torch.load(out / "final.pt", map_location="cpu", weights_only=True)
+    assert ck["world_size"] == 2 and len(ck["rng"]) == 2
+    init = toy_model().state_dict()
+    worst, moved = 0.0, 0.0
+    for name, ref in single.state_dict().items():
+        # float32 summation order differs between one batch of 4 and two all-reduced batches of 2; Adam turns that
+        # ~1e-7 gradient noise into ~1e-6 weight differences, far below what training itself moved the weights
+        assert torch.allclose(ddp[name], ref, rtol=1e-4, atol=1e-5), name
+        worst = max(worst, float((ddp[name] - ref).abs().max()))
+        moved = max(moved, float((ref - init[name]).abs().max()))
+    assert moved > 100 * worst, (moved, worst)
+
+
+# ------------------------------------------------------------------------------------------------------ child script
+def _main(argv: list[str]) -> int:
+    import argparse
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["toy", "ddp"])
+    p.add_argument("out")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--sleep", type=float, default=0.0)
+    a = p.parse_args(argv)
+    if a.mode == "toy":
+        run_toy(a.out, a.steps, noisy=True, sleep=a.sleep)
+        return 0
+    from voco.train import distributed as dist
+
+    assert dist.init_distributed(), "expected torchrun's environment"
+    try:
+        run_toy(a.out, a.steps, noisy=False)
+    finally:
+        dist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
