@@ -1,0 +1,300 @@
+"""Omni stages: labelled-crop sampler (pos:neg), DiceCE (plain and marginal), SuPreM loss, stage 1 / 2 runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.losses import DiceCELoss
+
+from voco.omni.losses import dice_ce, sigmoid_dice_bce
+from voco.omni.sampling import PosNegSampler, crop_start, extract
+
+
+def _volume(shape=(40, 36, 30), box=(slice(5, 9), slice(6, 10), slice(20, 24))):
+    img = np.random.default_rng(0).random(shape, dtype=np.float32)
+    lab = np.zeros(shape, dtype=np.uint8)
+    lab[box] = 3
+    return img, lab
+
+
+def test_crop_start_inside_volume():
+    assert crop_start((0, 0, 0), (40, 40, 40), (16, 16, 16)) == (0, 0, 0)
+    assert crop_start((39, 20, 8), (40, 40, 40), (16, 16, 16)) == (24, 12, 0)
+    # volume smaller than the ROI: start 0, extract pads
+    a = np.ones((4, 5, 6))
+    assert crop_start((2, 2, 2), a.shape, (8, 8, 8)) == (0, 0, 0)
+    assert extract(a, (0, 0, 0), (8, 8, 8)).shape == (8, 8, 8)
+
+
+def test_posneg_ratio_and_crops():
+    img, lab = _volume()
+    s = PosNegSampler(["a"], lambda k: (img, lab), roi=(8, 8, 8), pos=9, neg=1, seed=1)
+    hits = 0
+    n = 600
+    for _ in range(n // 4):
+        x, y, keys = s.sample(4)
+        assert x.shape == (4, 1, 8, 8, 8) and y.shape == (4, 8, 8, 8) and keys == ["a"] * 4
+        hits += int(sum((yy > 0).any() for yy in y))
+    # foreground-centred crops always contain foreground; background-centred ones rarely do (small object)
+    frac = hits / n
+    assert 0.85 <= frac <= 0.97, frac
+    # crops are views of the data: image values match the volume at the same place
+    s2 = PosNegSampler(["a"], lambda k: (img, lab), roi=(8, 8, 8), pos=1, neg=0, seed=3)
+    x, y, _ = s2.sample(1)
+    assert (y > 0).any()
+
+
+def test_posneg_sampler_state_roundtrip():
+    img, lab = _volume()
+    s = PosNegSampler(["a", "b"], lambda k: (img, lab), roi=(8, 8, 8), seed=5)
+    s.sample(3)
+    st = s.state_dict()
+    a = s.sample(4)
+    s.load_state_dict(st)
+    b = s.sample(4)
+    assert np.array_equal(a[0], b[0]) and a[2] == b[2]
+
+
+def test_posneg_sampler_only_background():
+    img, _ = _volume()
+    lab = np.zeros_like(img, dtype=np.uint8)
+    s = PosNegSampler(["a"], lambda k: (img, lab), roi=(8, 8, 8), pos=9, neg=1)
+    x, y, _ = s.sample(3)
+    assert x.shape == (3, 1, 8, 8, 8) and not y.any()
+
+
+def test_dice_ce_matches_monai():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 6, 7, 8, generator=g, requires_grad=True)
+    target = torch.randint(0, 5, (3, 1, 6, 7, 8), generator=g)
+    ref = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)(logits, target)
+    ours = dice_ce(logits, target)
+    assert torch.allclose(ours, ref, atol=1e-5), (ours, ref)
+    full = torch.ones(3, 5, dtype=torch.bool)
+    assert torch.allclose(dice_ce(logits, target, full), ref, atol=1e-5)
+
+
+def test_dice_ce_marginal_merges_unannotated_into_background():
+    # Two classes + background; the source annotates only class 1. A voxel the network calls class 2 where the
+    # source says background must cost nothing in CE: p(bg) + p(class 2) is the marginal background.
+    logits = torch.tensor([[-10.0], [-10.0], [10.0]]).view(1, 3, 1, 1, 1).requires_grad_(True)
+    target = torch.zeros(1, 1, 1, 1, 1, dtype=torch.long)
+    mask = torch.tensor([[True, True, False]])
+    marginal = dice_ce(logits, target, mask, lambda_dice=0.0)
+    plain = dice_ce(logits, target, lambda_dice=0.0)
+    assert marginal.item() < 1e-3 < plain.item()
+    marginal.backward()
+    assert logits.grad is not None and float(logits.grad.abs().max()) < 1e-3
+    # Dice runs over the annotated foreground class only (class 2 is not a Dice term)
+    g = torch.Generator().manual_seed(1)
+    lg = torch.randn(2, 3, 4, 4, 4, generator=g)
+    tg = torch.randint(0, 2, (2, 4, 4, 4), generator=g)
+    m = torch.tensor([[True, True, False]] * 2)
+    p1 = torch.softmax(lg, 1)[:, 1]
+    g1 = (tg == 1).float()
+    inter, den = (p1 * g1).sum((1, 2, 3)), p1.sum((1, 2, 3)) + g1.sum((1, 2, 3))
+    expect = (1 - (2 * inter + 1e-5) / (den + 1e-5)).mean()
+    assert torch.allclose(dice_ce(lg, tg, m, lambda_ce=0.0), expect, atol=1e-6)
+
+
+def test_sigmoid_dice_bce_masks_unannotated_classes():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 5, 5, 5, generator=g, requires_grad=True)
+    target = torch.randint(0, 4, (2, 5, 5, 5), generator=g)
+    mask = torch.tensor([[True, True, False, True], [True, False, True, False]])  # label space (bg + 3)
+    loss = sigmoid_dice_bce(logits, target, mask)
+    loss.backward()
+    # sample 0 does not annotate class 2 (channel 1); sample 1 annotates only class 2 (channel 1)
+    assert float(logits.grad[0, 1].abs().sum()) == 0.0
+    assert float(logits.grad[1, 0].abs().sum()) == 0.0 and float(logits.grad[1, 2].abs().sum()) == 0.0
+    assert float(logits.grad[1, 1].abs().sum()) > 0.0
+    # perfect prediction -> near-zero loss
+    onehot = torch.nn.functional.one_hot(target, 4).movedim(-1, 1)[:, 1:].float()
+    perfect = (onehot * 2 - 1) * 30.0
+    assert float(sigmoid_dice_bce(perfect, target)) < 1e-3
+
+
+def test_posneg_sampler_uses_store_foreground_sample():
+    img, lab = _volume()
+    fg = np.argwhere(lab > 0).astype(np.int32)[::7]  # the store keeps a sample of foreground positions
+    s = PosNegSampler(["a"], lambda k: (img, lab, fg), roi=(8, 8, 8), pos=1, neg=0, seed=0)
+    _, y, _ = s.sample(8)
+    assert all((yy > 0).any() for yy in y)
+    s = PosNegSampler(["a"], lambda k: (img, lab, fg), roi=(4, 4, 4), pos=0, neg=1, seed=0)
+    _, y, _ = s.sample(8)
+    assert sum((yy > 0).any() for yy in y) <= 2
+
+
+# ----------------------------------------------------------------------------------------- stage 1 -> pseudo -> 2
+VOCOMNI_LABELS = {0: "background", 1: "spleen", 2: "kidney_right", 6: "liver"}  # values are VoComni channels
+
+
+@pytest.fixture(scope="module")
+def stage_env(tmp_path_factory):
+    import yaml
+    from test_vocomni import make_store, write_card
+
+    root = tmp_path_factory.mktemp("stages")
+    cards = root / "cards"
+    cards.mkdir()
+    write_card(cards, "tiny_pool", {0: "background"}, ["pretrain", "unlabelled"])
+    make_store(root / "prep" / "tiny_pool", "tiny_pool", {0: "background"}, 4, seed=3, labelled=False)
+    # a curated VoComni store: complete labels in VoComni channels
+    make_store(root / "vocomni", "vocomni", VOCOMNI_LABELS, 4, seed=4)
+    override = {
+        "cards_dir": str(cards),
+        "paths": {"data": str(root / "data"), "runs": str(root / "runs"), "results": str(root / "results"),
+                  "logs": str(root / "logs")},
+        "datasets": {"pretrain": ["tiny_pool"], "downstream": []},
+        "preprocess": {"roi": [16, 16, 16], "shards": 2},
+        "model": {"name": "cnn_small", "feature_size": 4},
+        "pretrain": {
+            "batch_size": 2, "num_workers": 0, "warmup": 0, "lr": 3e-3, "checkpoint_every": 3, "log_every": 1,
+            "voco": {"roi": 16, "hidden_dim": 32, "out_dim": 32},
+            "omni": {"stage1_steps": 6, "stage2_steps": 4, "labelled": str(root / "vocomni"),
+                     "pseudo_min_confidence": 0.0},
+        },
+    }
+    (root / "override.yaml").write_text(yaml.safe_dump(override))
+    return root
+
+
+def _metrics(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_stage1_pseudolabel_stage2(stage_env):
+    import json
+
+    from voco.cli import main
+    from voco.data.store import Store
+    from voco.train.checkpoint import load_checkpoint
+
+    root = stage_env
+    ov = ["--override", str(root / "override.yaml")]
+    run = root / "runs" / "pretrain" / "default"
+    pool = str(root / "prep" / "tiny_pool")
+    assert main(["pretrain", "--stage", "1", "--prep", pool, "--out", str(run / "stage1"), *ov]) == 0
+    s1 = load_checkpoint(run / "stage1" / "final.pt")
+    assert s1["stage"] == "stage1" and s1["step"] == 6
+    m1 = _metrics(run / "stage1" / "metrics.jsonl")
+    assert [r["step"] for r in m1] == list(range(1, 7))
+    assert {"sup", "ssl", "pred", "inter", "reg", "acc"} <= set(m1[-1])
+    assert (run / "stage1" / "backbone.pt").is_file()
+
+    # pseudo-labels, two shards, then merge
+    out = run / "pseudo" / "tiny_pool"
+    for k in (0, 1):
+        assert main(["pseudolabel", "--ckpt", str(run / "stage1" / "final.pt"), "--prep", pool, "--out", str(out),
+                     "--shard", str(k), "--num-shards", "2", *ov]) == 0
+    assert main(["pseudolabel", "--merge", "--out", str(out), "--num-shards", "2", *ov]) == 0
+    summary = json.loads((root / "results" / "omni" / "pseudo_tiny_pool.json").read_text())
+    assert summary["cases"] == 4 and summary["kept"] == 4
+    assert set(summary["dice_per_class"]) <= {"spleen", "kidney_right", "liver"} | set(summary["dice_per_class"])
+    assert summary["dice_mean"] is not None and 0.0 <= summary["dice_mean"] <= 1.0
+    store = Store(out)
+    assert len(store.ids()) == 4
+    case = store.load(store.ids()[0])
+    assert case.label.shape == case.image.shape and 0.0 <= case.meta["pseudo"]["confidence"] <= 1.0
+
+    # a stricter threshold at merge time: every volume left out of stage 2 and listed
+    import pandas as pd
+
+    strict = root / "strict.yaml"
+    strict.write_text("pretrain:\n  omni:\n    pseudo_min_confidence: 1.0\n")
+    strict_out = root / "strict_pseudo" / "tiny_pool"
+    import shutil
+
+    shutil.copytree(out, strict_out)
+    assert main(["pseudolabel", "--merge", "--out", str(strict_out), "--num-shards", "2", *ov,
+                 "--override", str(strict), "--report", str(root / "strict.json")]) == 0
+    assert Store(strict_out).ids() == []
+    assert len(pd.read_csv(strict_out / "low_confidence.csv")) == 4
+    # ... and stage 2 still runs (L_SSL + labelled DiceCE), saying that no pseudo-labelled volume was used
+    assert main(["pretrain", "--stage", "2", "--prep", pool, "--out", str(run / "stage2_nopseudo"), "--pseudo",
+                 str(strict_out), "--init", str(run / "stage1" / "final.pt"), "--steps", "1", *ov]) == 0
+    assert json.loads((run / "stage2_nopseudo" / "summary.json").read_text())["pseudo"]["volumes"] == 0
+    assert load_checkpoint(run / "stage2_nopseudo" / "final.pt")["step"] == 7
+
+    # stage 2 continues the global step from the switch; its checkpoint says stage2
+    assert main(["pretrain", "--stage", "2", "--prep", pool, "--out", str(run / "stage2"), *ov]) == 0
+    s2 = load_checkpoint(run / "stage2" / "final.pt")
+    assert s2["stage"] == "stage2" and s2["step"] == 10
+    m2 = _metrics(run / "stage2" / "metrics.jsonl")
+    assert [r["step"] for r in m2] == [7, 8, 9, 10] and all("pseudo" in r and "sup" in r for r in m2)
+    assert s2["scheduler"]["last_epoch"] == 10  # scheduler carried over from stage 1
+    st = json.loads((run / "stage2" / "summary.json").read_text())
+    assert st["switch_step"] == 6 and st["stage_steps"] == 4 and st["pseudo"]["volumes"] == 4
+    # a finished stage is not re-run
+    assert main(["pretrain", "--stage", "2", "--prep", pool, "--out", str(run / "stage2"), *ov]) == 0
+    assert _metrics(run / "stage2" / "metrics.jsonl") == m2
+
+    # the reference's online mode: frozen snapshot teacher on the SSL random crops, decoder-only
+    online = root / "online.yaml"
+    online.write_text("pretrain:\n  omni:\n    stage2_pseudo: online\n")
+    assert main(["pretrain", "--stage", "2", "--prep", pool, "--out", str(run / "stage2_online"),
+                 "--init", str(run / "stage1" / "final.pt"), "--steps", "2", *ov, "--override", str(online)]) == 0
+    so = load_checkpoint(run / "stage2_online" / "final.pt")
+    assert so["stage"] == "stage2" and so["step"] == 8 and "online_teacher" in so["extra"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["segresnet"])  # unet needs >= 32^3 crops: too slow for the test budget
+def test_suprem_pretrains_on_partial_sources(tmp_path, backbone):
+    import json
+
+    import yaml
+    from test_vocomni import SRC_A, SRC_B, make_store, write_card
+
+    from voco.cli import main
+    from voco.train.checkpoint import load_checkpoint
+
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    write_card(cards, "tiny_src_a", SRC_A, ["pretrain", "vocomni"])
+    write_card(cards, "tiny_src_b", SRC_B, ["pretrain", "vocomni"])
+    a = make_store(tmp_path / "a", "tiny_src_a", SRC_A, 2, seed=1)
+    b = make_store(tmp_path / "b", "tiny_src_b", SRC_B, 2, seed=2)
+    ov = tmp_path / "ov.yaml"
+    ov.write_text(yaml.safe_dump({
+        # BasicUNet downsamples 4 times: 16^3 would leave a 1^3 bottleneck that instance norm rejects
+        "cards_dir": str(cards), "preprocess": {"roi": [32, 32, 32] if backbone == "unet" else [16, 16, 16]},
+        "pretrain": {"log_every": 1, "suprem": {"model": backbone, "feature_size": 8,
+                                                 "steps": 3, "warmup": 0, "crops_per_step": 2}},
+    }))
+    out = tmp_path / "suprem"
+    assert main(["pretrain", "--method", "suprem", "--prep", str(a), str(b), "--out", str(out),
+                 "--override", str(ov)]) == 0
+    ck = load_checkpoint(out / "final.pt")
+    assert ck["stage"] == "suprem" and ck["method"] == "suprem" and ck["step"] == 3
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model"] == backbone and s["data"]["tiny_src_a"] == ["spleen", "liver"]
+    head = [k for k in torch.load(out / "backbone.pt", weights_only=True) if k.endswith("weight")][-1]
+    assert torch.load(out / "backbone.pt", weights_only=True)[head].shape[0] == 20  # one sigmoid per VoComni class
+
+
+def test_online_pseudo_loss_trains_the_decoder_only():
+    from voco.models import build_model, decoder_parameter_names
+    from voco.omni.stages import OmniNet
+    from voco.ssl.heads import FeatureDropout, Projector
+    from voco.train.pretrain_ssl import SSLNet
+
+    torch.manual_seed(0)
+    backbone = build_model("cnn_small", 1, 4, feature_size=4)
+    net = OmniNet(SSLNet(backbone, Projector(backbone.embed_dim, 16, 16), FeatureDropout(0.0)))
+    x = torch.rand(2, 1, 16, 16, 16)
+    _, _, _, online = net(x, None, x)
+    dice_ce(online, torch.randint(0, 4, (2, 1, 16, 16, 16))).backward()
+    dec = set(decoder_parameter_names(backbone))
+    assert dec
+    for n, p in backbone.named_parameters():
+        if n in dec:
+            assert p.grad is not None and float(p.grad.abs().sum()) > 0, n
+        else:
+            assert p.grad is None or float(p.grad.abs().sum()) == 0, n
+    # the same logits as the plain forward
+    assert torch.allclose(online, backbone(x), atol=1e-5)
