@@ -1,0 +1,60 @@
+"""The downstream run grid (dataset x init x method x N x seed) and its paths, for rules/downstream.smk and tests.
+
+Pure standard-library Python (imported by the Snakefile at parse time; no torch / numpy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+TASKS = ("segmentation", "classification")
+
+
+def methods_for(cfg: Mapping, card: Mapping) -> list[str]:
+    """Methods run on a dataset: ``finetune.methods`` (+ medcontext where listed); classification: plain only."""
+    if card.get("task", "segmentation") == "classification":
+        return ["plain"]
+    ft = cfg["finetune"]
+    methods = list(ft["methods"])
+    if card["id"] in ft.get("medcontext_datasets", []) and "medcontext" not in methods:
+        methods.append("medcontext")
+    return methods
+
+
+def runs(cfg: Mapping, cards: Mapping[str, Mapping], datasets: Sequence[str]) -> list[tuple[str, str, str, str, int]]:
+    """(dataset, init, method, n, seed) of every configured downstream run (datasets whose task can be fine-tuned)."""
+    ft = cfg["finetune"]
+    out = []
+    for d in datasets:
+        card = {"id": d, **cards[d]}
+        if card.get("task", "segmentation") not in TASKS:
+            continue
+        for init in ft["inits"]:
+            for method in methods_for(cfg, card):
+                for n in ft["n_train"]:
+                    for seed in ft["seeds"]:
+                        out.append((d, init, method, str(n), int(seed)))
+    return out
+
+
+def run_dir(runs_root: str, d: str, init: str, method: str, n: str | int, seed: int) -> str:
+    return f"{runs_root}/finetune/{d}/{init}/{method}/n{n}-s{seed}"
+
+
+def result_dir(results_root: str, d: str, init: str, method: str, n: str | int, seed: int) -> str:
+    return f"{results_root}/{d}/{init}/{method}/n{n}-s{seed}"
+
+
+def init_checkpoint(cfg: Mapping, init: str) -> list[str]:
+    """The pre-training checkpoint an init starts from: ``<runs>/pretrain/<pretrain_run>/<init>/final.pt`` ([] for scratch)."""
+    if init == "scratch":
+        return []
+    return [f"{cfg['paths']['runs']}/pretrain/{cfg['finetune']['pretrain_run']}/{init}/final.pt"]
+
+
+def summaries(cfg: Mapping, cards: Mapping[str, Mapping], datasets: Sequence[str]) -> list[str]:
+    return [f"{result_dir(cfg['paths']['results'], *r)}/summary.json" for r in runs(cfg, cards, datasets)]
+
+
+def run_files(cfg: Mapping, cards: Mapping[str, Mapping], datasets: Sequence[str], name: str) -> list[str]:
+    return [f"{run_dir(cfg['paths']['runs'], *r)}/{name}" for r in runs(cfg, cards, datasets)]

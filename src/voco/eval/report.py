@@ -1,0 +1,442 @@
+"""Paper-style report from evaluation summaries: tables (Markdown + CSV), label-efficiency and training curves (PNG).
+
+Inputs (all optional except at least one summary):
+
+* ``results/{dataset}/{init}/{method}/n{N}-s{seed}/summary.json`` written by ``voco evaluate``;
+* ``runs/finetune/.../metrics.jsonl`` and ``transfer.json`` written by ``voco finetune``;
+* ``results/leakage/report.json`` (leakage audit) and ``results/omni/*.json`` (pseudo-label quality).
+
+Outputs in ``OUT`` (fixed names, so Snakemake can declare them): ``report.md``, ``table.csv`` (main table, long form),
+``results.csv`` (every run), ``transfer.csv``, ``label_efficiency.png``, ``training_curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from voco.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("report.md", "table.csv", "results.csv", "transfer.csv", "label_efficiency.png", "training_curves.png")
+SEG_METRICS = ("dice", "nsd", "hd95")
+CLS_METRICS = ("auc", "accuracy")
+
+
+# ------------------------------------------------------------------------------------------------ collecting
+def n_key(n: Any) -> float:
+    """Sort key / x position of an ``n_train`` value ("all" sorts last)."""
+    try:
+        return float(n)
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def collect_summaries(results: str | os.PathLike[str]) -> pd.DataFrame:
+    """One row per ``summary.json`` under ``results`` (dataset / init / method / n / seed / metrics)."""
+    rows = []
+    for p in sorted(Path(results).glob("*/*/*/n*-s*/summary.json")):
+        try:
+            s = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("skipping unreadable summary %s (%s)", p, e)
+            continue
+        row = {k: s.get(k) for k in ("dataset", "task", "init", "method", "n_train", "n_train_used", "seed", "split")}
+        row["n_train"] = str(row["n_train"])
+        row["path"] = str(p)
+        row["train_seconds"] = s.get("train_seconds")
+        row["eval_seconds"] = s.get("eval_seconds")
+        row["primary_metric"] = s.get("primary", {}).get("name")
+        row["primary"] = _num(s.get("primary", {}).get("value"))
+        m = s.get("metrics", {})
+        if s.get("task") == "classification":
+            for k in CLS_METRICS:
+                row[k] = _num(m.get(k))
+        else:
+            for space in ("original", "resampled"):
+                mean = (m.get(space) or {}).get("mean") or {}
+                for k in SEG_METRICS:
+                    row[f"{k}_{space}"] = _num(mean.get(k))
+                row[f"hd95_undefined_{space}"] = mean.get("hd95_undefined")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (nan for one value) and count of the finite values."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
+
+
+def main_n(df: pd.DataFrame, dataset: str) -> str:
+    """The N shown in the main table for a dataset: ``all`` if run, else the largest N."""
+    ns = df.loc[df["dataset"] == dataset, "n_train"].unique().tolist()
+    return max(ns, key=n_key) if ns else "all"
+
+
+def main_table(
+    df: pd.DataFrame, metric: str = "primary", baseline: tuple[str, str] = ("scratch", "plain")
+) -> pd.DataFrame:
+    """Long table: dataset, init, method, n_train, mean, sd, n_seeds, delta (vs the baseline init/method)."""
+    rows = []
+    for dataset in sorted(df["dataset"].unique()):
+        n = main_n(df, dataset)
+        sub = df[(df["dataset"] == dataset) & (df["n_train"] == n)]
+        base = sub[(sub["init"] == baseline[0]) & (sub["method"] == baseline[1])]
+        base_mean = mean_sd(base[metric].tolist())[0] if metric in sub else math.nan
+        for (init, method), g in sub.groupby(["init", "method"], sort=False):
+            mean, sd, k = mean_sd(g[metric].tolist()) if metric in g else (math.nan, math.nan, 0)
+            rows.append({
+                "dataset": dataset, "init": init, "method": method, "n_train": n, "metric": metric,
+                "metric_name": str(g["primary_metric"].iloc[0]) if metric == "primary" else metric,
+                "mean": mean, "sd": sd, "n_seeds": k, "delta": mean - base_mean,
+            })
+    return pd.DataFrame(rows)
+
+
+def _fmt(mean: float, sd: float, delta: float | None = None, digits: int = 3) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    s = f"{mean:.{digits}f}"
+    s += f" ± {sd:.{digits}f}" if np.isfinite(sd) else ""
+    if delta is not None and np.isfinite(delta):
+        s += f" ({delta:+.{digits}f})"
+    return s
+
+
+def init_order(inits: Sequence[str]) -> list[str]:
+    pref = ["scratch", "ssl", "stage1", "stage2", "suprem", "file"]
+    return sorted(inits, key=lambda i: (pref.index(i) if i in pref else len(pref), i))
+
+
+def markdown_table(table: pd.DataFrame, with_delta: bool = True, digits: int = 3) -> str:
+    """Rows init x method, columns datasets; cells mean ± sd over seeds (delta vs the baseline)."""
+    if table.empty:
+        return "_no results_\n"
+    datasets = sorted(table["dataset"].unique())
+    head = []
+    for d in datasets:
+        t = table[table["dataset"] == d]
+        head.append(f"{d} ({t['metric_name'].iloc[0]}, N={t['n_train'].iloc[0]})")
+    lines = ["| init | method | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(datasets)]
+    keys = table[["init", "method"]].drop_duplicates()
+    order = init_order(keys["init"].unique().tolist())
+    for init in order:
+        for method in sorted(keys[keys["init"] == init]["method"].unique(), key=lambda m: (m != "plain", m)):
+            cells = []
+            for d in datasets:
+                r = table[(table["dataset"] == d) & (table["init"] == init) & (table["method"] == method)]
+                if r.empty:
+                    cells.append("–")
+                    continue
+                r = r.iloc[0]
+                is_base = init == "scratch" and method == "plain"
+                cells.append(_fmt(r["mean"], r["sd"], None if (is_base or not with_delta) else r["delta"], digits))
+            lines.append(f"| {init} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ runs side
+def collect_transfer(runs: str | os.PathLike[str] | None) -> pd.DataFrame:
+    """One row per (dataset, init) from ``runs/finetune/{dataset}/{init}/*/*/transfer.json``."""
+    rows: dict[tuple[str, str], dict] = {}
+    if runs is None:
+        return pd.DataFrame()
+    for p in sorted(Path(runs).glob("finetune/*/*/*/*/transfer.json")):
+        dataset, init = p.parts[-5], p.parts[-4]
+        if (dataset, init) in rows:
+            continue
+        try:
+            t = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        rows[(dataset, init)] = {
+            "dataset": dataset, "init": init, "source": t.get("source", ""),
+            "loaded": len(t.get("loaded", [])), "adapted": len(t.get("adapted", [])),
+            "mismatched": len(t.get("mismatched", [])), "skipped": len(t.get("skipped", [])),
+            "excluded": len(t.get("excluded", [])), "left_at_init": len(t.get("missing", [])),
+        }
+    return pd.DataFrame(list(rows.values()))
+
+
+def read_metrics_jsonl(path: Path) -> pd.DataFrame:
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return pd.DataFrame(rows)
+
+
+def _loss_column(df: pd.DataFrame) -> str | None:
+    for k in ("dice_ce", "ce", "loss", "total", "loss/total", "train/loss"):
+        if k in df.columns:
+            return k
+    cands = [c for c in df.columns if "loss" in c and pd.api.types.is_numeric_dtype(df[c])]
+    return cands[0] if cands else None
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_label_efficiency(df: pd.DataFrame, out: Path) -> None:
+    """Primary metric (mean ± sd over seeds) against the number of labelled training cases, one panel per dataset."""
+    plt = _plt()
+    datasets = sorted(df["dataset"].unique()) if not df.empty else []
+    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(4.5 * max(1, len(datasets)), 3.6), squeeze=False)
+    for ax, d in zip(axes[0], datasets, strict=False):
+        sub = df[df["dataset"] == d]
+        for (init, method), g in sub.groupby(["init", "method"]):
+            pts = []
+            for n, gn in g.groupby("n_train"):
+                used = gn["n_train_used"].dropna()
+                x = float(used.iloc[0]) if len(used) else n_key(n)
+                m, s, _ = mean_sd(gn["primary"].tolist())
+                pts.append((x, m, 0.0 if not np.isfinite(s) else s))
+            pts.sort()
+            xs, ms, ss = (np.array(v) for v in zip(*pts, strict=True))
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=f"{init}/{method}")
+        ax.set_title(d)
+        ax.set_xlabel("labelled training cases N")
+        ax.set_ylabel(str(sub["primary_metric"].iloc[0]))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def plot_training_curves(runs: str | os.PathLike[str] | None, df: pd.DataFrame, out: Path) -> None:
+    """Training loss against step for seed-0 runs at the main N, one panel per dataset, one line per init/method."""
+    plt = _plt()
+    datasets = sorted(df["dataset"].unique()) if not df.empty else []
+    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(4.5 * max(1, len(datasets)), 3.6), squeeze=False)
+    for ax, d in zip(axes[0], datasets, strict=False):
+        n = main_n(df, d)
+        sub = df[(df["dataset"] == d) & (df["n_train"] == n)]
+        seed = sorted(sub["seed"].dropna().unique())[0] if len(sub) else 0
+        ylabel = "loss"
+        for (init, method), _g in sub.groupby(["init", "method"]):
+            p = Path(runs or "runs") / "finetune" / d / init / method / f"n{n}-s{int(seed)}" / "metrics.jsonl"
+            if not p.is_file():
+                continue
+            m = read_metrics_jsonl(p)
+            col = _loss_column(m)
+            if col is None or "step" not in m.columns:
+                continue
+            m = m.dropna(subset=[col])
+            smooth = m[col].rolling(max(1, len(m) // 20), min_periods=1).mean()
+            ax.plot(m["step"], smooth, label=f"{init}/{method}", lw=1)
+            ylabel = col
+        ax.set_title(f"{d} (N={n}, seed {int(seed)})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"training {ylabel} (smoothed)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ extras
+def _json_section(title: str, obj: Any, max_rows: int = 30) -> str:
+    """Render a JSON document compactly: scalars as a list, lists of flat dicts / dicts of dicts as tables."""
+    lines = [f"### {title}", ""]
+    if isinstance(obj, dict):
+        scalars = {k: v for k, v in obj.items() if not isinstance(v, dict | list)}
+        for k, v in scalars.items():
+            lines.append(f"- **{k}**: {v}")
+        for k, v in obj.items():
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                lines += ["", f"{k} ({len(v)} rows{', first ' + str(max_rows) if len(v) > max_rows else ''}):", ""]
+                lines.append(_records_md(v[:max_rows]))
+            elif isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+                recs = [{"": kk, **{a: b for a, b in vv.items() if not isinstance(b, dict | list)}} for kk, vv in v.items()]
+                lines += ["", f"{k}:", "", _records_md(recs[:max_rows])]
+            elif isinstance(v, list | dict):
+                lines.append(f"- **{k}**: {len(v)} entries")
+    elif isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        lines.append(_records_md(obj[:max_rows]))
+    else:
+        lines.append(f"`{json.dumps(obj)[:500]}`")
+    return "\n".join(lines) + "\n"
+
+
+def _records_md(records: list[dict]) -> str:
+    cols: list[str] = []
+    for r in records:
+        for k, v in r.items():
+            if k not in cols and not isinstance(v, dict | list):
+                cols.append(k)
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in records:
+        out.append("| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def build_report(
+    results: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    runs: str | os.PathLike[str] | None = None,
+    baseline: tuple[str, str] = ("scratch", "plain"),
+    digits: int = 3,
+    datasets: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Write every report output into ``out``; returns a small summary (counts, main table records).
+
+    ``datasets`` restricts the report to those datasets (the per-dataset report of ``evaluate_dataset``).
+    """
+    results, out = Path(results), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = collect_summaries(results)
+    if datasets and not df.empty:
+        df = df[df["dataset"].isin(list(datasets))].reset_index(drop=True)
+    if df.empty:
+        log.warning("no summary.json under %s: the report will say so", results)
+    table = main_table(df, "primary", baseline) if not df.empty else pd.DataFrame()
+    _write_csv(df, out / "results.csv")
+    _write_csv(table, out / "table.csv")
+    transfer = collect_transfer(runs)
+    if datasets and not transfer.empty:
+        transfer = transfer[transfer["dataset"].isin(list(datasets))]
+    _write_csv(transfer, out / "transfer.csv")
+    plot_label_efficiency(df, out / "label_efficiency.png")
+    plot_training_curves(runs, df, out / "training_curves.png")
+
+    md = ["# voco downstream report", ""]
+    if df.empty:
+        md += [f"No evaluation summaries were found under `{results}`.", ""]
+    else:
+        seeds = sorted(df["seed"].dropna().unique().tolist())
+        md += [
+            f"{len(df)} evaluated runs; datasets: {', '.join(sorted(df['dataset'].unique()))}; seeds: {seeds}.",
+            f"Cells: mean ± sample sd over seeds (delta vs {baseline[0]}/{baseline[1]} in brackets). Segmentation:",
+            "Dice (mean over foreground classes) in the original image geometry; classification: AUC.",
+            "",
+            "## Main table",
+            "",
+            markdown_table(table, digits=digits),
+        ]
+        md += _secondary_tables(df, baseline, digits)
+        md += ["## Label efficiency", "", "![label efficiency](label_efficiency.png)", ""]
+        md += _label_efficiency_md(df, digits)
+        md += ["## Training curves", "", "![training curves](training_curves.png)", ""]
+        md += _timing_md(df)
+    if not transfer.empty:
+        md += ["## Transfer reports (tensors per init)", "", _records_md(transfer.to_dict("records")), ""]
+    leak = results / "leakage" / "report.json"
+    if leak.is_file() and not datasets:
+        md += ["## Leakage audit", "", _json_section(str(leak), json.loads(leak.read_text())), ""]
+    omni = sorted((results / "omni").glob("*.json")) if (results / "omni").is_dir() and not datasets else []
+    if omni:
+        md += ["## Pseudo-label quality (omni)", ""]
+        for p in omni:
+            try:
+                md += [_json_section(p.name, json.loads(p.read_text())), ""]
+            except ValueError:
+                continue
+    md += _notes_md()
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text("\n".join(md))
+    summary = {"runs": len(df), "table": table.to_dict("records") if not table.empty else []}
+    write_json(out / "report.json", summary)
+    return summary
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _secondary_tables(df: pd.DataFrame, baseline: tuple[str, str], digits: int) -> list[str]:
+    md: list[str] = []
+    seg = df[df["task"] != "classification"]
+    if not seg.empty:
+        for col, title in [
+            ("nsd_original", "NSD (original geometry)"),
+            ("hd95_original", "HD95 in mm (original geometry; lower is better; undefined cases left out)"),
+            ("dice_resampled", "Dice (resampled space)"),
+        ]:
+            if col in seg and seg[col].notna().any():
+                t = main_table(seg, col, baseline)
+                t["metric_name"] = col
+                md += [f"### {title}", "", markdown_table(t, digits=digits), ""]
+    cls = df[df["task"] == "classification"]
+    if not cls.empty and "accuracy" in cls:
+        t = main_table(cls, "accuracy", baseline)
+        t["metric_name"] = "accuracy"
+        md += ["### Classification accuracy", "", markdown_table(t, digits=digits), ""]
+    return md
+
+
+def _label_efficiency_md(df: pd.DataFrame, digits: int) -> list[str]:
+    if df["n_train"].nunique() < 2:
+        return []
+    rows = []
+    for (d, init, method, n), g in df.groupby(["dataset", "init", "method", "n_train"]):
+        m, s, k = mean_sd(g["primary"].tolist())
+        rows.append({"dataset": d, "init": init, "method": method, "N": n, "value": _fmt(m, s, None, digits), "seeds": k})
+    rows.sort(key=lambda r: (r["dataset"], r["init"], r["method"], n_key(r["N"])))
+    return [_records_md(rows), ""]
+
+
+def _timing_md(df: pd.DataFrame) -> list[str]:
+    if "train_seconds" not in df or df["train_seconds"].isna().all():
+        return []
+    rows = []
+    for (d, method), g in df.groupby(["dataset", "method"]):
+        t, _, k = mean_sd(g["train_seconds"].astype(float).tolist())
+        e, _, _ = mean_sd(g["eval_seconds"].astype(float).tolist())
+        rows.append({"dataset": d, "method": method, "runs": k, "train s/run": round(t, 1), "eval s/run": round(e, 1)})
+    return ["## Cost per run", "", _records_md(rows), ""]
+
+
+def _notes_md() -> list[str]:
+    return [
+        "## Notes",
+        "",
+        "- Dice is 1 when prediction and truth are both empty; HD95 is undefined (left out of means, counted in",
+        "  `hd95_undefined_*` in results.csv) when exactly one of them is empty; NSD counts surface voxels.",
+        "- Numbers come from the configuration that produced them (laptop demo: tiny CNN, coarse spacing, few steps);",
+        "  they are not the paper's and are reported as measured.",
+        "",
+    ]
