@@ -25,6 +25,8 @@ rule finetune:
     input:
         manifest=lambda wc: prep_manifest(wc.dataset),
         init=lambda wc: downstream_plan.init_checkpoint(config, wc.init),
+        # the leakage audit runs before any fine-tuning, so an overlap is known before results exist
+        leakage=f"{RESULTS}/leakage/report.json",
     output:
         model=f"{RUNS}/finetune/{{dataset}}/{{init}}/{{method}}/n{{n}}-s{{seed}}/model.pt",
         run=f"{RUNS}/finetune/{{dataset}}/{{init}}/{{method}}/n{{n}}-s{{seed}}/run.json",
@@ -132,6 +134,13 @@ rule report:
         summaries=DOWNSTREAM_SUMMARIES,
         transfer=downstream_plan.run_files(config, CARDS, DOWNSTREAM, "transfer.json"),
         metrics=downstream_plan.run_files(config, CARDS, DOWNSTREAM, "metrics.jsonl"),
+        leakage=f"{RESULTS}/leakage/report.json",
+        # curation / pseudo-label quality tables, when the omni stages feed an init of this report
+        omni=(
+            rules.omni_all.input
+            if any(i in ("stage1", "stage2") for i in config["finetune"]["inits"])
+            else []
+        ),
     output:
         md=report(f"{RESULTS}/report/report.md", category="Downstream report", labels={"file": "report.md"}),
         table=report(f"{RESULTS}/report/table.csv", category="Downstream report", labels={"file": "table.csv"}),
