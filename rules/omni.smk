@@ -49,7 +49,7 @@ rule vocomni:
     container:
         CONTAINER
     shell:
-        "voco vocomni --config {params.config} --prep {params.prep} --out {params.out} --work {output.members}"
+        "OMP_NUM_THREADS={threads} voco vocomni --config {params.config} --prep {params.prep} --out {params.out} --work {output.members}"
         " --report {output.summary} > {log} 2>&1"
 
 
@@ -81,7 +81,7 @@ rule pretrain_stage1:
     container:
         CONTAINER
     shell:
-        "voco pretrain --config {params.config} --stage 1 --prep {params.prep} --labelled {params.labelled} --out {params.out}"
+        "OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --stage 1 --prep {params.prep} --labelled {params.labelled} --out {params.out}"
         " > {log} 2>&1"
 
 
@@ -113,7 +113,7 @@ rule pseudolabel:
     container:
         CONTAINER
     shell:
-        "voco pseudolabel --config {params.config} --ckpt {input.ckpt} --prep {params.prep} --out {params.out}"
+        "OMP_NUM_THREADS={threads} voco pseudolabel --config {params.config} --ckpt {input.ckpt} --prep {params.prep} --out {params.out}"
         " --shard {wildcards.shard} --num-shards {params.shards} > {log} 2>&1"
 
 
@@ -180,7 +180,7 @@ rule pretrain_stage2:
     container:
         CONTAINER
     shell:
-        "voco pretrain --config {params.config} --stage 2 --prep {params.prep} --labelled {params.labelled} --pseudo {params.pseudo}"
+        "OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --stage 2 --prep {params.prep} --labelled {params.labelled} --pseudo {params.pseudo}"
         " --init {input.init} --out {params.out} > {log} 2>&1"
 
 
@@ -212,7 +212,7 @@ rule pretrain_suprem:
     container:
         CONTAINER
     shell:
-        "voco pretrain --config {params.config} --method suprem --prep {params.prep} --labelled {params.labelled} --out {params.out}"
+        "OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --method suprem --prep {params.prep} --labelled {params.labelled} --out {params.out}"
         " > {log} 2>&1"
 
 
