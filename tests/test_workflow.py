@@ -73,3 +73,43 @@ def test_data_phase_runs_for_real(tmp_path):
     assert man["case_id"].is_unique
     for sub in ("synth", "convert", "preprocess", "merge_manifest"):
         assert any((tmp_path / "logs" / sub).rglob("*.log")), f"no log for {sub}"
+
+
+@pytest.mark.slow
+def test_local_btcv_copy_runs_its_evaluation(tmp_path):
+    """A newcomer's path: a local BTCV-like folder in MSD layout, named in `download.local`, evaluated with one target.
+
+    The folder is made from phantom data (BTCV itself is licence-gated); the card is the shipped btcv card with the
+    laptop spacing / ROI so that the test stays fast.
+    """
+    from voco.cli import main as voco_main
+
+    raw = tmp_path / "BTCV"
+    assert voco_main(["synth", "--dataset", "phantom_organs", "--out", str(raw), "--n-cases", "4"]) == 0
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    card = yaml.safe_load((REPO / "config/datasets/btcv.yaml").read_text())
+    card["preprocess"] = {"spacing": [4.0, 4.0, 4.0], "roi": [32, 32, 32]}
+    card["finetune"] = {}
+    (cards / "btcv.yaml").write_text(yaml.safe_dump(card))
+    ov = tmp_path / "my_data.yaml"
+    ov.write_text(yaml.safe_dump({
+        "cards_dir": str(cards),
+        "download": {"local": {"btcv": str(raw)}},
+        "datasets": {"pretrain": [], "downstream": ["btcv"]},
+        "finetune": {"inits": ["scratch"], "methods": ["plain"], "medcontext_datasets": [], "seeds": [0],
+                     "steps": 4},
+    }))
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    r = smk("--cores", "2", "results/btcv/report/report.md", "--directory", str(wd),
+            "--configfile", str(REPO / "config/config.yaml"), str(ov), timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert (wd / "data/raw/btcv/SOURCE.json").is_file()
+    summaries = list((wd / "results/btcv").rglob("summary.json"))
+    assert summaries, "no evaluation summary"
+    import json
+
+    s = json.loads(summaries[0].read_text())
+    assert s, "empty summary"
+    assert (wd / "results/btcv/report/report.md").read_text().strip()

@@ -17,8 +17,10 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pretrain", nargs="+", required=True, help="pre-training manifest.parquet file(s)")
-    parser.add_argument("--downstream", nargs="+", required=True, help="downstream manifest.parquet file(s)")
+    parser.add_argument(
+        "--pretrain", nargs="*", default=[], help="pre-training manifest.parquet file(s); none = nothing can leak"
+    )
+    parser.add_argument("--downstream", nargs="*", default=[], help="downstream manifest.parquet file(s)")
     parser.add_argument("--out", required=True, help="JSON report (a .md table is written next to it)")
     parser.add_argument(
         "--splits", nargs="+", default=["test"], help="downstream splits to check (default: test, the evaluation split)"
