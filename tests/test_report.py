@@ -111,5 +111,5 @@ def test_plan_grid_and_paths():
     assert {r[2] for r in runs if r[0] == "cls"} == {"plain"}
     assert not [r for r in runs if r[0] == "pool"]
     assert plan.summaries(cfg, cards, ["cls"])[0] == "results/cls/scratch/plain/n2-s0/summary.json"
-    assert plan.init_checkpoint(cfg, "stage2") == ["runs/pretrain/default/stage2/final.pt"]
+    assert plan.init_checkpoint(cfg, "stage2") == ["runs/pretrain/default/stage2/backbone.pt"]
     assert plan.init_checkpoint(cfg, "scratch") == []

@@ -46,10 +46,13 @@ def result_dir(results_root: str, d: str, init: str, method: str, n: str | int, 
 
 
 def init_checkpoint(cfg: Mapping, init: str) -> list[str]:
-    """The pre-training checkpoint an init starts from: ``<runs>/pretrain/<pretrain_run>/<init>/final.pt`` ([] for scratch)."""
+    """The pre-trained backbone an init starts from: ``<runs>/pretrain/<pretrain_run>/<init>/backbone.pt`` ([] for scratch).
+
+    ``backbone.pt`` is the clean backbone export every pre-training rule writes (``final.pt`` holds the whole
+    training state, e.g. the omni stages wrap the backbone in their SSL / segmentation modules)."""
     if init == "scratch":
         return []
-    return [f"{cfg['paths']['runs']}/pretrain/{cfg['finetune']['pretrain_run']}/{init}/final.pt"]
+    return [f"{cfg['paths']['runs']}/pretrain/{cfg['finetune']['pretrain_run']}/{init}/backbone.pt"]
 
 
 def summaries(cfg: Mapping, cards: Mapping[str, Mapping], datasets: Sequence[str]) -> list[str]:
