@@ -113,3 +113,16 @@ def test_plan_grid_and_paths():
     assert plan.summaries(cfg, cards, ["cls"])[0] == "results/cls/scratch/plain/n2-s0/summary.json"
     assert plan.init_checkpoint(cfg, "stage2") == ["runs/pretrain/default/stage2/backbone.pt"]
     assert plan.init_checkpoint(cfg, "scratch") == []
+
+
+def test_omni_quality_table_shows_dice_against_full_truth(tmp_path):
+    from voco.eval.report import omni_quality_md
+
+    (tmp_path / "curation.json").write_text(json.dumps({
+        "sources": {"src_a": 8}, "volumes": 8, "kept": 7,
+        "dice": {"completed_filled_mean": 0.41, "completed_given_mean": 1.0, "partial_filled_mean": 0.0}}))
+    (tmp_path / "pseudo_pool.json").write_text(json.dumps(
+        {"dataset": "pool", "cases": 5, "kept": 3, "dice_mean": 0.27, "confidence_mean": 0.6}))
+    md = "\n".join(omni_quality_md(sorted(tmp_path.glob("*.json"))))
+    assert "VoComni completion" in md and "0.410" in md and "1.000" in md
+    assert "stage-1 pseudo-labels" in md and "| pool | 5 | 3 | 0.270" in md

@@ -369,6 +369,8 @@ def build_report(
     omni = sorted((results / "omni").glob("*.json")) if (results / "omni").is_dir() and not datasets else []
     if omni:
         md += ["## Pseudo-label quality (omni)", ""]
+        md += omni_quality_md(omni, digits)
+        md += ["### Details", ""]
         for p in omni:
             try:
                 md += [_json_section(p.name, json.loads(p.read_text())), ""]
@@ -380,6 +382,49 @@ def build_report(
     summary = {"runs": len(df), "table": table.to_dict("records") if not table.empty else []}
     write_json(out / "report.json", summary)
     return summary
+
+
+def omni_quality_md(paths: Sequence[Path], digits: int = 3) -> list[str]:
+    """Headline table: Dice against the phantom's full truth of the VoComni-completed labels and of the pseudo-labels.
+
+    Reads ``curation.json`` (voco vocomni) and ``pseudo_<dataset>.json`` (voco pseudolabel --merge).
+    """
+    rows = []
+    for p in paths:
+        try:
+            d = json.loads(Path(p).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(d, dict):
+            continue
+        if p.name == "curation.json":
+            dice = d.get("dice", {}) if isinstance(d.get("dice"), dict) else {}
+            rows.append({
+                "labels": "VoComni completion (filled classes)", "dataset": ", ".join(d.get("sources", {}) or []),
+                "volumes": d.get("volumes"), "kept": d.get("kept"),
+                "dice_vs_full_truth": dice.get("completed_filled_mean"),
+                "dice_given_classes": dice.get("completed_given_mean"),
+                "dice_without_completion": dice.get("partial_filled_mean"),
+            })
+        elif p.name.startswith("pseudo_"):
+            rows.append({
+                "labels": "stage-1 pseudo-labels", "dataset": d.get("dataset", p.stem[len("pseudo_"):]),
+                "volumes": d.get("cases"), "kept": d.get("kept"),
+                "dice_vs_full_truth": d.get("dice_mean"), "confidence": d.get("confidence_mean"),
+            })
+    if not rows:
+        return []
+    cols = ["labels", "dataset", "volumes", "kept", "dice_vs_full_truth", "dice_given_classes",
+            "dice_without_completion", "confidence"]
+    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:.{digits}f}" if isinstance(v, float) else ("–" if v is None else str(v)))
+        out.append("| " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
