@@ -64,7 +64,7 @@ def test_data_phase_runs_for_real(tmp_path):
     ov = tmp_path / "tiny.yaml"
     ov.write_text(yaml.safe_dump({"datasets": {"pretrain": ["phantom_src_a"], "downstream": []},
                                   "preprocess": {"shards": 2}}))
-    r = smk("--cores", "2", f"data/prep/phantom_src_a/manifest.parquet", "--directory", str(tmp_path),
+    r = smk("--cores", "2", "data/prep/phantom_src_a/manifest.parquet", "--directory", str(tmp_path),
             "--configfile", str(REPO / "config/config.yaml"), str(ov), timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     man = pd.read_parquet(tmp_path / "data/prep/phantom_src_a/manifest.parquet")
