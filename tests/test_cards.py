@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from voco.config import load_card, load_config, region_params, repo_root
+from voco.omni import curation
 
 CARDS = sorted((repo_root() / "config" / "datasets").glob("*.yaml"))
 REAL = [p for p in CARDS if not p.stem.startswith("phantom")]
@@ -40,30 +41,8 @@ REQUIRED_DOWNSTREAM = {
         )
     ),
 }
-# SPEC 3's 21 VoComni channels, named as in config.yaml vocomni.classes
-VOCOMNI_CLASSES = load_config().get("vocomni", {}).get("classes") or [
-    "background",
-    "spleen",
-    "kidney_right",
-    "kidney_left",
-    "gallbladder",
-    "esophagus",
-    "liver",
-    "stomach",
-    "aorta",
-    "ivc",
-    "portal_splenic_veins",
-    "pancreas",
-    "adrenal_right",
-    "adrenal_left",
-    "liver_tumour",
-    "pancreas_tumour",
-    "kidney_tumour",
-    "covid_lesion",
-    "colon",
-    "colon_cancer",
-    "lung_cancer",
-]
+# SPEC 3's 21 VoComni channels: config.yaml vocomni.classes, else the package's own list
+VOCOMNI_CLASSES = load_config().get("vocomni", {}).get("classes") or list(curation.VOCOMNI_CLASSES)
 
 
 @pytest.mark.parametrize("path", CARDS, ids=[p.stem for p in CARDS])

@@ -104,12 +104,11 @@ def load_config(
     overrides: list[str | os.PathLike[str]] | None = None,
     extra: dict | None = None,
 ) -> dict:
-    """Load ``path`` (default: ``$VOCO_CONFIG``, else ``config/config.yaml``), merge override files and ``extra``,
-    validate and fill defaults. Inside the workflow ``$VOCO_CONFIG`` names the resolved Snakemake config, so
-    ``snakemake --configfile`` overrides reach every ``voco`` call without a ``--config`` argument."""
+    """Load ``config/config.yaml`` (or ``path``), merge override files and ``extra``, validate, fill defaults.
+
+    The workflow passes its resolved config (overrides merged) as ``path``: rules call ``voco ... --config``.
+    """
     root = repo_root()
-    if not path and os.environ.get("VOCO_CONFIG"):
-        path = os.environ["VOCO_CONFIG"]  # set by the workflow: the validated, override-merged Snakemake config
     path = Path(path) if path else root / "config" / "config.yaml"
     cfg = load_yaml(path)
     sources = [str(path)]
