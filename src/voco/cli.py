@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "sliding-window inference and metrics (Dice, HD95, NSD / accuracy, AUC)"),
     "report": ("report", "paper-style tables and plots from the evaluation results"),
     "config": ("config_cmd", "validate a config (and overrides) and print the resolved result"),
+    "dvc-index": ("dvc_index", "generate dvc.yaml (the DVC index over the workflow) from the config, or --check it"),
+    "check": ("check", "validate the whole plan (rules, cards, model builds, inits, profiles) in seconds"),
 }
 
 

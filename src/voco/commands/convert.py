@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from voco.config import load_card, load_config
+from voco.config import add_config_arguments, config_from_args, load_card
 from voco.data.layouts import CONVERTERS, FORMATS, dataset_document
 from voco.errors import DataError
 from voco.io import write_json
@@ -24,8 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default=None, help="input layout (default: the card's format)")
     parser.add_argument("--dataset", required=True, help="dataset card id (region, labels, name)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (data/nifti/<id>)")
-    parser.add_argument("--config", type=Path, default=None, help="config file (default config/config.yaml)")
-    parser.add_argument("--override", type=Path, action="append", default=[], help="override file (repeatable)")
+    add_config_arguments(parser)
     parser.add_argument("--strict", action="store_true", help="exit 1 when any case failed")
 
 
@@ -58,7 +57,7 @@ def convert(inp: Path, out: Path, card: dict, fmt: str | None = None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.override)
+    cfg = config_from_args(args)
     card = load_card(args.dataset, cfg["cards_dir"])
     report = convert(args.input, args.out, card, args.format)
     log.info("%s: %d case(s) converted, %d failed -> %s", card["id"], report["n_ok"], report["n_failed"], args.out)

@@ -16,7 +16,7 @@ import json
 import logging
 from pathlib import Path
 
-from voco.config import load_card, load_config
+from voco.config import add_config_arguments, config_from_args, load_card
 from voco.data import sources
 from voco.errors import ConfigError
 
@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="dataset card id (config/datasets/<id>.yaml)")
     parser.add_argument("--out", help="raw folder to fill (default: <paths.data>/raw/<id>)")
-    parser.add_argument("--config", help="config file (default config/config.yaml)")
-    parser.add_argument("--override", action="append", default=[], help="override file (repeatable)")
+    add_config_arguments(parser)
     parser.add_argument("--sha256", help="checksum of a single-file http source whose card has none")
     parser.add_argument(
         "--allow-unverified", action="store_true", help="accept http files without any checksum (recorded as such)"
@@ -56,7 +55,7 @@ def local_source(card: dict, cfg: dict, from_path: str | None) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.override)
+    cfg = config_from_args(args)
     card = load_card(args.dataset, cfg["cards_dir"])
     settings = sources.Settings.from_config(cfg)
     if args.hf_base:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from voco.config import add_config_arguments, config_from_args
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="dataset card id (checked against the run)")
@@ -23,18 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset.json with the original label files (default: found from each case's source)")
     parser.add_argument("--save-predictions", action="store_true",
                         help="also write predictions (original geometry) to OUT/predictions/<case>.nii.gz")
-    parser.add_argument("--config", type=Path, default=None, help="config file (default config/config.yaml)")
-    parser.add_argument("--override", type=Path, action="append", default=[], help="override file (repeatable)")
+    add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from voco.config import load_config
     from voco.data.store import Store
     from voco.errors import ConfigError
     from voco.eval.evaluate import evaluate_run
     from voco.io import read_json
 
-    cfg = load_config(args.config, args.override)
+    cfg = config_from_args(args)
     run_json = args.run / "run.json"
     if run_json.is_file() and read_json(run_json).get("dataset") != args.dataset:
         raise ConfigError(f"{run_json}: run of dataset {read_json(run_json).get('dataset')!r}, not {args.dataset!r}")

@@ -12,6 +12,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from voco.config import add_config_arguments, config_from_args
+
 log = logging.getLogger(__name__)
 
 
@@ -26,8 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prep", required=True, type=Path, help="pre-processed store (data/prep/<dataset>)")
     parser.add_argument("--out", required=True, type=Path, help="run folder (runs/finetune/<dataset>/<init>/<method>/nN-sS)")
     parser.add_argument("--steps", type=int, default=None, help="override finetune.steps")
-    parser.add_argument("--config", type=Path, default=None, help="config file (default config/config.yaml)")
-    parser.add_argument("--override", type=Path, action="append", default=[], help="override file (repeatable)")
+    add_config_arguments(parser)
 
 
 def dataset_card(dataset: str, cfg: dict, store) -> dict:
@@ -49,11 +50,10 @@ def dataset_card(dataset: str, cfg: dict, store) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from voco.config import load_config
     from voco.data.store import Store
     from voco.train.finetune import finetune, parse_n
 
-    cfg = load_config(args.config, args.override)
+    cfg = config_from_args(args)
     store = Store(args.prep)
     card = dataset_card(args.dataset, cfg, store)
     log.info("finetune %s init=%s method=%s n=%s seed=%d -> %s", args.dataset, args.init, args.method,

@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from voco.config import add_config_arguments, config_from_args
 from voco.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, help="dataset card id (default: dataset.json voco_dataset)")
     parser.add_argument("--region", default=None, help="region tag when no card exists and dataset.json has none")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--config", type=Path, default=None, help="config file (default config/config.yaml)")
-    parser.add_argument("--override", type=Path, action="append", default=[], help="override file (repeatable)")
+    add_config_arguments(parser)
 
 
 def resolve(args: argparse.Namespace, info: Any, cfg: dict) -> tuple[str, str, Any, dict[int, str], dict[int, str]]:
@@ -70,11 +70,10 @@ def _work(job: tuple) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from voco.config import load_config
     from voco.data.catalog import read_dataset_json
     from voco.data.store import MANIFEST, write_manifest
 
-    cfg = load_config(args.config, args.override)
+    cfg = config_from_args(args)
     info = read_dataset_json(args.dataset_json)
     dataset, region, params, labels, labels_full = resolve(args, info, cfg)
     out = Path(args.out)

@@ -16,6 +16,7 @@ import importlib
 import logging
 import sys
 
+from voco.config import add_config_arguments, config_from_args
 from voco.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pre-processed stores (folders holding manifest.parquet) of the pre-training corpus",
     )
     parser.add_argument("--out", required=True, help="run folder, e.g. runs/pretrain/default/ssl")
-    parser.add_argument("--config", default=None, help="config file (default config/config.yaml)")
-    parser.add_argument("--override", action="append", default=[], metavar="PATH", help="override file (repeatable)")
+    add_config_arguments(parser)
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the config's)")
     parser.add_argument("--batch-size", type=int, default=None, help="volumes per step per process")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: pretrain.seed)")
@@ -102,10 +102,9 @@ def strip_option(argv: list[str], option: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from voco.config import load_config
     from voco.train import distributed as dist
 
-    cfg = load_config(args.config, args.override)
+    cfg = config_from_args(args)
     module_name, func_name = resolve(args, cfg)
     nproc = dist.resolve_nproc(args.nproc)
     if nproc > 1 and not dist.under_torchrun():

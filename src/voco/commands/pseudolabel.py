@@ -17,6 +17,8 @@ import json
 import logging
 from pathlib import Path
 
+from voco.config import add_config_arguments, config_from_args
+
 log = logging.getLogger(__name__)
 
 
@@ -30,8 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, default=None,
                         help="summary JSON (default <results>/omni/pseudo_<dataset>.json)")
     parser.add_argument("--all-cases", action="store_true", help="label every ok case, not only the unlabelled ones")
-    parser.add_argument("--config", type=Path, default=None, help="config file (default config/config.yaml)")
-    parser.add_argument("--override", type=Path, action="append", default=[], help="override file (repeatable)")
+    add_config_arguments(parser)
 
 
 def _full_lut(cfg: dict, store, classes: list[str]):
@@ -77,12 +78,11 @@ def _trained_classes(cfg: dict) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from voco.config import load_config
     from voco.data.store import Store
     from voco.errors import ConfigError
     from voco.omni.pseudolabel import merge, run_shard
 
-    cfg = load_config(args.config, args.override)
+    cfg = config_from_args(args)
     omni = cfg["pretrain"]["omni"]
     n_shards = int(args.num_shards or (cfg["preprocess"]["shards"] if (args.shard is not None or args.merge) else 1))
     dataset = args.out.name

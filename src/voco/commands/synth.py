@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from voco.config import load_card, load_config
+from voco.config import add_config_arguments, config_from_args, load_card
 from voco.data import phantom
 from voco.errors import ConfigError
 from voco.io import atomic_path, sha256_file, write_json
@@ -35,13 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset", required=True, help="dataset card id (config/datasets/<id>.yaml, source.kind synthetic)"
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (data/raw/<id>)")
-    parser.add_argument("--config", type=Path, default=None, help="config file (default config/config.yaml)")
-    parser.add_argument("--override", type=Path, action="append", default=[], help="override file (repeatable)")
+    add_config_arguments(parser)
     parser.add_argument("--n-cases", type=int, default=None, help="generate only the first N cases (smoke tests)")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.override)
+    cfg = config_from_args(args)
     card = load_card(args.dataset, cfg["cards_dir"])
     info = synth_dataset(card, args.out, cfg["synth"]["seed"], cfg["synth"]["spacing_scale"], n_cases=args.n_cases)
     log.info("%s: wrote %d cases to %s", args.dataset, info["n_cases"], args.out)

@@ -13,6 +13,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from voco.config import add_config_arguments, config_from_args
+
 log = logging.getLogger(__name__)
 
 
@@ -24,8 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ensemble member run folders (default <runs>/vocomni); members resume from here")
     parser.add_argument("--report", type=Path, default=None,
                         help="summary JSON with the Dice of completed labels (default <results>/omni/curation.json)")
-    parser.add_argument("--config", type=Path, default=None, help="config file (default config/config.yaml)")
-    parser.add_argument("--override", type=Path, action="append", default=[], help="override file (repeatable)")
+    add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,10 +34,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from voco.config import load_config
     from voco.omni.curation import run_curation
 
-    cfg = load_config(args.config, args.override)
+    cfg = config_from_args(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = args.work or Path(cfg["paths"]["runs"]) / "vocomni"
     report = args.report or Path(cfg["paths"]["results"]) / "omni" / "curation.json"

@@ -258,6 +258,8 @@ def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
     omni = dict(pre.get("omni", {}))
     classes = list(cfg["vocomni"]["classes"])
     ssl = ssl_settings(cfg, method)
+    if omni.get("sw") is not None and method == "voco":  # the omni stages' own random-crop count (reference: 4)
+        ssl = {**ssl, "sw": int(omni["sw"])}
     roi = list(omni.get("roi") or cfg["preprocess"]["roi"])
     labelled_dirs = list(args.labelled or [omni.get("labelled") or Path(cfg["paths"]["data"]) / "vocomni"])
     rank = dist.rank()
