@@ -1,53 +1,56 @@
-# Shared helpers for the rule files (dataset cards, paths, shards). Keep it small; logic belongs in src/voco.
+# Shared helpers for the rule files (the resolved config, per-rule config files, dataset cards, paths, shards).
+# Keep it small; logic belongs in src/voco (voco.config, voco.dag), where pytest and `voco check` reach it.
+import sys
+from snakemake.exceptions import WorkflowError
 from pathlib import Path
 
-import yaml
+REPO = Path(workflow.basedir).parent
+sys.path.insert(0, str(REPO / "src"))  # pure-Python planning code: importable even where voco is not installed
+from voco import config as voco_config
+from voco import dag as voco_dag
+
+# One resolution, by voco's layer rule: the Snakefile's configfile is the base layer, every --configfile (command line
+# or profile) an experiment file (it says `experiment: <name>`) or a user override, --config key=value the flags.
+VOCO_CFG = voco_config.resolve_workflow(
+    REPO / "config" / "config.yaml",
+    list(workflow.config_settings.configfiles or []),
+    dict(workflow.config_settings.config or {}),
+)
+config.clear()
+config.update(VOCO_CFG.to_dict())
 
 DATA = config["paths"]["data"]
 RUNS = config["paths"]["runs"]
 RESULTS = config["paths"]["results"]
 LOGS = config["paths"]["logs"]
-SHARDS = config["preprocess"]["shards"]
 CONDA_ENV = "../envs/voco.yaml"
 CONTAINER = "containers/voco.sif"
 VOCO = "voco"  # the CLI; every rule is a thin call of one subcommand
+CONFIG_DIR = ".snakemake/voco/config"  # per-rule config files (content-addressed, written once)
 
 # Final outputs of the whole DAG; each rule file appends its own (rule all takes them).
 ALL_TARGETS = []
 
-
-REPO = Path(workflow.basedir).parent
-CARDS_DIR = Path(config["cards_dir"]) if Path(config["cards_dir"]).is_absolute() else REPO / config["cards_dir"]
+_SLICES = {}
 
 
-def _write_resolved_config():
-    """The validated config (overrides merged, defaults filled) as one file that every `voco` call reads.
-
-    Rewritten only when its content changes, so job commands stay stable (no spurious re-runs)."""
-    text = yaml.safe_dump(dict(config), sort_keys=True)
-    path = Path(".snakemake", "voco", "config.yaml")
-    if not path.exists() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return str(path)
+def cfg_file(rule, dataset=None):
+    """The config file of one job: only the sections `rule` reads (voco.config.RULE_SECTIONS), resolved for `dataset`'s
+    card, named by the hash of its content and never rewritten. Rules pass it as `params: config=...`, so Snakemake
+    re-runs exactly the jobs whose values changed, and a dry run never alters a file that a queued job reads."""
+    key = (rule, dataset)
+    if key not in _SLICES:
+        _SLICES[key] = str(voco_config.write_slice(VOCO_CFG, rule, dataset, CONFIG_DIR))
+    return _SLICES[key]
 
 
-# Rules pass it to the CLI as `params: config=VOCO_CONFIG` + `--config {params.config}`, so that
-# `snakemake --configfile` overrides reach every `voco` call.
-VOCO_CONFIG = _write_resolved_config()
+def cfg_for(rule):
+    """`params: config=cfg_for("rule")`: the job's config file (per dataset when the rule has a dataset wildcard)."""
+    return lambda wc: cfg_file(rule, getattr(wc, "dataset", None))
 
 
-def card(dataset):
-    """The dataset card <cards_dir>/<dataset>.yaml (validated by the CLI when it is used)."""
-    return yaml.safe_load(Path(CARDS_DIR, f"{dataset}.yaml").read_text())
-
-
-PRETRAIN = list(config["datasets"]["pretrain"])
-DOWNSTREAM = list(config["datasets"]["downstream"])
-ALL_DATASETS = list(dict.fromkeys(PRETRAIN + DOWNSTREAM))
-CARDS = {d: card(d) for d in ALL_DATASETS}
+PRETRAIN, DOWNSTREAM, ALL_DATASETS = voco_dag.datasets(config)
+CARDS = {d: voco_config.load_card(d, config["cards_dir"]) for d in ALL_DATASETS}
 
 
 def source_kind(dataset):
@@ -68,14 +71,14 @@ def card_format(dataset):
     return CARDS[dataset].get("format", "msd")
 
 
+def card_file(dataset):
+    """The dataset's card: an input of its per-dataset jobs (a changed card re-runs them)."""
+    return CARDS[dataset]["_path"]
+
+
 def shards_for(dataset):
-    """Shards of one dataset: preprocess.shards at most, about preprocess.cases_per_shard cases each (from the
-    card's expected_count; no count -> preprocess.shards). Small datasets get few jobs, 160K-case corpora many."""
-    n = CARDS[dataset].get("expected_count")
-    per = config["preprocess"]["cases_per_shard"]
-    if not n:
-        return SHARDS
-    return max(1, min(SHARDS, -(-int(n) // per)))
+    """Shards of one dataset (voco.dag.shards_for): used by every sharded rule (preprocess, pseudolabel)."""
+    return voco_dag.shards_for(config, CARDS[dataset])
 
 
 def shard_manifests(dataset):
@@ -85,3 +88,15 @@ def shard_manifests(dataset):
 def prep_manifest(dataset):
     return f"{DATA}/prep/{dataset}/manifest.parquet"
 
+
+def voco_check(log=None):
+    """`onstart`: `voco check` of this run's resolved config, before any job starts (a broken plan fails in seconds).
+
+    Only runs when there is work to do (not on dry runs, not inside cluster jobs, which Snakemake starts with
+    --no-hooks). The same check, standalone: `voco check [--override FILE ...]`."""
+    from voco.check import format_report, run_check
+
+    found = run_check(VOCO_CFG)
+    print(format_report(VOCO_CFG, found), file=sys.stderr)
+    if not found.ok:
+        raise WorkflowError(f"voco check: the plan has {len(found.errors)} error(s) (listed above); nothing was run")

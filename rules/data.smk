@@ -14,7 +14,7 @@ rule synth:
         f"{LOGS}/benchmarks/synth/{{dataset}}.tsv"
     params:
         out=lambda wc: f"{DATA}/raw/{wc.dataset}",
-        config=VOCO_CONFIG,
+        config=cfg_for("synth"),
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
@@ -42,6 +42,7 @@ rule convert:
         raw=lambda wc: f"{DATA}/raw/{wc.dataset}",
         out=lambda wc: f"{DATA}/nifti/{wc.dataset}",
         fmt=lambda wc: card_format(wc.dataset),
+        config=cfg_for("convert"),
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -52,7 +53,7 @@ rule convert:
     container:
         CONTAINER
     shell:
-        "voco convert --input {params.raw} --format {params.fmt} --dataset {wildcards.dataset}"
+        "voco convert --config {params.config} --input {params.raw} --format {params.fmt} --dataset {wildcards.dataset}"
         " --out {params.out} > {log} 2>&1"
 
 
@@ -68,7 +69,7 @@ rule preprocess:
         f"{LOGS}/benchmarks/preprocess/{{dataset}}/shard-{{shard}}.tsv"
     params:
         out=lambda wc: f"{DATA}/prep/{wc.dataset}",
-        config=VOCO_CONFIG,
+        config=cfg_for("preprocess"),
         shards=lambda wc: shards_for(wc.dataset),
     threads: 1
     resources:

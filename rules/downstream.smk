@@ -42,7 +42,7 @@ rule finetune:
         f"{LOGS}/benchmarks/finetune/{{dataset}}/{{init}}/{{method}}/n{{n}}-s{{seed}}.tsv"
     params:
         voco=VOCO,
-        config=VOCO_CONFIG,
+        config=cfg_for("finetune"),
         prep=lambda wc: f"{DATA}/prep/{wc.dataset}",
         out=lambda wc: downstream_plan.run_dir(RUNS, wc.dataset, wc.init, wc.method, wc.n, wc.seed),
         init_path=lambda wc, input: f"--init-path {input.init}" if input.init else "",
@@ -77,7 +77,7 @@ rule evaluate:
         f"{LOGS}/benchmarks/evaluate/{{dataset}}/{{init}}/{{method}}/n{{n}}-s{{seed}}.tsv"
     params:
         voco=VOCO,
-        config=VOCO_CONFIG,
+        config=cfg_for("evaluate"),
         prep=lambda wc: f"{DATA}/prep/{wc.dataset}",
         run=lambda wc: downstream_plan.run_dir(RUNS, wc.dataset, wc.init, wc.method, wc.n, wc.seed),
         out=lambda wc: downstream_plan.result_dir(RESULTS, wc.dataset, wc.init, wc.method, wc.n, wc.seed),
@@ -108,7 +108,7 @@ rule evaluate_dataset:
         f"{LOGS}/benchmarks/evaluate_dataset/{{dataset}}.tsv"
     params:
         voco=VOCO,
-        config=VOCO_CONFIG,
+        config=cfg_for("evaluate_dataset"),
         results=lambda wc: RESULTS,
         runs=lambda wc: RUNS,
         out=lambda wc: f"{RESULTS}/{wc.dataset}/report",
@@ -157,7 +157,7 @@ rule report:
         f"{LOGS}/benchmarks/report/report.tsv"
     params:
         voco=VOCO,
-        config=VOCO_CONFIG,
+        config=cfg_for("report"),
         results=lambda wc: RESULTS,
         runs=lambda wc: RUNS,
         out=lambda wc, output: os.path.dirname(output.md),

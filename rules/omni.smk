@@ -4,11 +4,9 @@
 #   labelled sources -> pretrain_suprem (supervised only)
 # Every training rule resumes from its run folder's last.pt (the shared loop); checkpoints are the outputs.
 
-VOCOMNI_SOURCES = list(config["vocomni"]["sources"]) or [
-    d for d in PRETRAIN if "vocomni" in CARDS[d].get("role", [])
-]
+VOCOMNI_SOURCES = voco_dag.vocomni_sources(config, CARDS)
 OMNI = config["pretrain"]["omni"]
-UNLABELLED = list(OMNI["unlabelled"]) or [d for d in PRETRAIN if "unlabelled" in CARDS[d].get("role", [])]
+UNLABELLED = voco_dag.unlabelled(config, CARDS)
 OMNI_RUN = f"{RUNS}/pretrain/{config['pretrain']['run']}"
 VOCOMNI_DIR = OMNI["labelled"] or f"{DATA}/vocomni"
 
@@ -36,7 +34,7 @@ rule vocomni:
     benchmark:
         f"{LOGS}/benchmarks/vocomni/vocomni.tsv"
     params:
-        config=VOCO_CONFIG,
+        config=cfg_for("vocomni"),
         prep=lambda wc, input: _dirs(input.prep),
         out=lambda wc, output: Path(output.manifest).parent,
     threads: 2
@@ -67,7 +65,7 @@ rule pretrain_stage1:
     benchmark:
         f"{LOGS}/benchmarks/pretrain_stage1/{config['pretrain']['run']}.tsv"
     params:
-        config=VOCO_CONFIG,
+        config=cfg_for("pretrain_stage1"),
         prep=lambda wc, input: _dirs(input.prep),
         labelled=lambda wc, input: Path(input.labelled).parent,
         out=lambda wc, output: Path(output.final).parent,
@@ -99,10 +97,10 @@ rule pseudolabel:
     wildcard_constraints:
         dataset="|".join(UNLABELLED) or "(?!x)x",
     params:
-        config=VOCO_CONFIG,
+        config=cfg_for("pseudolabel"),
         prep=lambda wc, input: Path(input.prep).parent,
         out=lambda wc, output: Path(output[0]).parent.parent,
-        shards=SHARDS,
+        shards=lambda wc: shards_for(wc.dataset),
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -120,7 +118,7 @@ rule pseudolabel:
 rule pseudolabel_merge:
     """Join the pseudo-label shards; low-confidence volumes are rejected (left out of stage 2) and listed."""
     input:
-        lambda wc: [f"{OMNI_RUN}/pseudo/{wc.dataset}/shard-{k}/manifest.parquet" for k in range(SHARDS)],
+        lambda wc: [f"{OMNI_RUN}/pseudo/{wc.dataset}/shard-{k}/manifest.parquet" for k in range(shards_for(wc.dataset))],
     output:
         manifest=f"{OMNI_RUN}/pseudo/{{dataset}}/manifest.parquet",
         low=f"{OMNI_RUN}/pseudo/{{dataset}}/low_confidence.csv",
@@ -132,9 +130,9 @@ rule pseudolabel_merge:
     wildcard_constraints:
         dataset="|".join(UNLABELLED) or "(?!x)x",
     params:
-        config=VOCO_CONFIG,
+        config=cfg_for("pseudolabel_merge"),
         out=lambda wc, output: Path(output.manifest).parent,
-        shards=SHARDS,
+        shards=lambda wc: shards_for(wc.dataset),
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
@@ -165,7 +163,7 @@ rule pretrain_stage2:
     benchmark:
         f"{LOGS}/benchmarks/pretrain_stage2/{config['pretrain']['run']}.tsv"
     params:
-        config=VOCO_CONFIG,
+        config=cfg_for("pretrain_stage2"),
         prep=lambda wc, input: _dirs(input.prep),
         labelled=lambda wc, input: Path(input.labelled).parent,
         pseudo=lambda wc, input: Path(input.init).parent.parent / "pseudo",
@@ -198,7 +196,7 @@ rule pretrain_suprem:
     benchmark:
         f"{LOGS}/benchmarks/pretrain_suprem/{config['pretrain']['run']}.tsv"
     params:
-        config=VOCO_CONFIG,
+        config=cfg_for("pretrain_suprem"),
         prep=lambda wc, input: _dirs(input.prep),
         labelled=VOCOMNI_DIR,
         out=lambda wc, output: Path(output.final).parent,
@@ -226,3 +224,9 @@ rule omni_all:
 
 
 ALL_TARGETS.extend(rules.omni_all.input)
+
+
+rule pretrain_all:
+    """Named partial target: the pre-training runs the fine-tuning inits need (the DVC `pretrain` stage's target)."""
+    input:
+        voco_dag.pretrain_targets(config, CARDS),

@@ -31,7 +31,7 @@ rule pretrain_ssl:
         # more than one GPU: `auto` = as many DDP processes (torchrun) as GPUs visible to the job; else one process
         nproc=lambda wc, resources: "auto" if int(resources.gpu) > 1 else "1",
         voco=VOCO,
-        config=VOCO_CONFIG,
+        config=cfg_for("pretrain_ssl"),
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,

@@ -25,7 +25,7 @@ rule download:
         f"{LOGS}/benchmarks/download/{{dataset}}.tsv"
     params:
         out=lambda wc: f"{DATA}/raw/{wc.dataset}",
-        config=VOCO_CONFIG,
+        config=cfg_for("download"),
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 1000 * attempt,
@@ -51,7 +51,7 @@ rule link:
         f"{LOGS}/benchmarks/link/{{dataset}}.tsv"
     params:
         out=lambda wc: f"{DATA}/raw/{wc.dataset}",
-        config=VOCO_CONFIG,
+        config=cfg_for("link"),
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 1000 * attempt,

@@ -5,19 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from voco.errors import ConfigError
+from voco.shapes import FEATURE_SIZES, MIN_SIDE, MODEL_NAMES
 
-MODEL_NAMES = ("swinunetr", "unet", "segresnet", "cnn_small")
-
-# feature size F per size letter (SwinUNETR: Swin-B/L/H as in the VoCo paper)
-FEATURE_SIZES: dict[str, dict[str, int]] = {
-    "swinunetr": {"B": 48, "L": 96, "H": 192},
-    "unet": {"B": 32, "L": 64, "H": 128},
-    "segresnet": {"B": 16, "L": 32, "H": 64},
-    "cnn_small": {"B": 8, "L": 16, "H": 32},
-}
-
-# smallest valid training crop side (all sides must be a multiple of it)
-MIN_SIDE = {"swinunetr": 32, "unet": 16, "segresnet": 8, "cnn_small": 8}
+__all__ = ["FEATURE_SIZES", "MIN_SIDE", "MODEL_NAMES", "build_model", "decoder_parameter_names", "feature_size_for",
+           "freeze_decoder"]
 
 
 def feature_size_for(name: str, size: str = "B", feature_size: int | None = None) -> int:

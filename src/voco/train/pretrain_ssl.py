@@ -31,14 +31,10 @@ from voco.train import distributed as dist
 from voco.train.checkpoint import seed_everything
 from voco.train.loop import LoopConfig, train
 from voco.train.progress import read_metrics
+from voco.train.settings import VOCO_DEFAULTS, ssl_settings  # noqa: F401 - re-exported (stages import them here)
 
 log = logging.getLogger(__name__)
 
-# SPEC 2 defaults of the SSL keys (pretrain.voco in the config overrides them)
-VOCO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "voco": {"grid": 3, "roi": 64, "sw": 2, "hidden_dim": 1024, "out_dim": 1024, "momentum": 0.9},
-    "voco-v1": {"grid": 4, "roi": 96, "sw": 2, "out_size": 64, "hidden_dim": 2048, "out_dim": 2048, "momentum": 0.9},
-}
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -180,18 +176,6 @@ class SSLNet(nn.Module):
         emb = self.backbone.embed(x)
         z = self.projector(self.dropout(emb))
         return z.float(), emb
-
-
-def ssl_settings(cfg: Mapping[str, Any], method: str) -> dict[str, Any]:
-    """SPEC 2 defaults for ``method`` overlaid with ``pretrain.voco`` (helper-owned keys pass through)."""
-    out = dict(VOCO_DEFAULTS[method])
-    section = dict(cfg.get("pretrain", {}).get("voco", {}) or {})
-    per_method = section.pop("v1", None) if method == "voco-v1" else None
-    section.pop("v1", None)
-    out.update(section)
-    if per_method:
-        out.update(per_method)
-    return out
 
 
 def build_ssl(cfg: Mapping[str, Any], method: str, ssl: Mapping[str, Any]) -> tuple[SSLNet, Any]:
