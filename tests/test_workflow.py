@@ -79,26 +79,21 @@ def test_data_phase_runs_for_real(tmp_path):
 def test_local_btcv_copy_runs_its_evaluation(tmp_path):
     """A newcomer's path: a local BTCV-like folder in MSD layout, named in `download.local`, evaluated with one target.
 
-    The folder is made from phantom data (BTCV itself is licence-gated); the card is the shipped btcv card with the
-    laptop spacing / ROI so that the test stays fast.
+    The folder is made from phantom data (BTCV itself is licence-gated). The card is the SHIPPED btcv card (1.5 mm,
+    ROI 96, 1000 epochs); the user shrinks the run with an override file, which sits above the card: coarser spacing,
+    a 32^3 ROI and 4 steps (a user's finetune.steps beats the card's epochs).
     """
     from voco.cli import main as voco_main
 
     raw = tmp_path / "BTCV"
     assert voco_main(["synth", "--dataset", "phantom_organs", "--out", str(raw), "--n-cases", "4"]) == 0
-    cards = tmp_path / "cards"
-    cards.mkdir()
-    card = yaml.safe_load((REPO / "config/datasets/btcv.yaml").read_text())
-    card["preprocess"] = {"spacing": [4.0, 4.0, 4.0], "roi": [32, 32, 32]}
-    card["finetune"] = {}
-    (cards / "btcv.yaml").write_text(yaml.safe_dump(card))
     ov = tmp_path / "my_data.yaml"
     ov.write_text(yaml.safe_dump({
-        "cards_dir": str(cards),
         "download": {"local": {"btcv": str(raw)}},
         "datasets": {"pretrain": [], "downstream": ["btcv"]},
+        "preprocess": {"roi": [32, 32, 32], "regions": {"abdomen": {"spacing": [4.0, 4.0, 4.0], "window": [-175, 250]}}},
         "finetune": {"inits": ["scratch"], "methods": ["plain"], "medcontext_datasets": [], "seeds": [0],
-                     "steps": 4},
+                     "steps": 4, "roi": [32, 32, 32]},
     }))
     wd = tmp_path / "wd"
     wd.mkdir()
@@ -110,6 +105,26 @@ def test_local_btcv_copy_runs_its_evaluation(tmp_path):
     assert summaries, "no evaluation summary"
     import json
 
+    run = json.loads(next((wd / "runs/finetune/btcv").rglob("run.json")).read_text())
+    assert run["steps"] == 4 and run["training_length"]["from"] == "steps"  # the user's steps beat the card's epochs
+    assert run["roi"] == [32, 32, 32]
     s = json.loads(summaries[0].read_text())
-    assert s, "empty summary"
+    assert s["dataset"] == "btcv" and s["n_cases"] > 0
     assert (wd / "results/btcv/report/report.md").read_text().strip()
+
+
+def test_card_epochs_become_steps_of_the_run(tmp_path):
+    """Without a user steps value, the shipped card's epochs decide the length: epochs x ceil(train cases / batch)."""
+    from voco.config import load_card, resolve
+    from voco.train.finetune import finetune_params, training_length
+
+    card = load_card("msd_task09_spleen")  # 500 epochs
+    params = finetune_params(resolve(overrides=[REPO / "config/experiments/paper.yaml"]), card)
+    assert params["epochs"] == 500
+    length = training_length(params, 33)
+    assert length == {"steps": 500 * 33, "epochs": 500, "train_cases": 33, "batch_size": 1, "steps_per_epoch": 33,
+                      "from": "epochs"}
+    ov = tmp_path / "u.yaml"
+    ov.write_text(yaml.safe_dump({"finetune": {"batch_size": 2}}))
+    p2 = finetune_params(resolve(overrides=[REPO / "config/experiments/paper.yaml", ov]), card)
+    assert training_length(p2, 33)["steps"] == 500 * 17

@@ -29,42 +29,47 @@ from torch import nn
 from voco.config import deep_merge
 from voco.errors import CheckpointError, ConfigError, DataError
 from voco.io import atomic_path, write_json
+from voco.train.settings import HEAD_PREFIX, model_spec, num_classes  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 INITS = ("scratch", "ssl", "stage1", "stage2", "suprem", "file")
 METHODS = ("plain", "medcontext")
-#: output-layer prefix per model name (never transferred when ``exclude_head``)
-HEAD_PREFIX = {"swinunetr": "out.", "cnn_small": "out.", "unet": "final_conv.", "segresnet": "conv_final."}
 CHECKPOINT_NAMES = ("backbone.pt", "final.pt")
 
 
 # ------------------------------------------------------------------------------------------------ settings
 def finetune_params(cfg: dict, card: dict) -> dict:
-    """The effective fine-tuning settings of a dataset: the config's ``finetune`` section, then the card's overrides."""
+    """The effective fine-tuning settings of a dataset (a plain dict).
+
+    With a resolved :class:`voco.config.Config`, by the layer rule: experiment < the card's ``finetune`` < the user's
+    overrides < flags (``Config.for_dataset``; a rule's slice is already resolved for its dataset). A plain dict (tests,
+    scripts) gets the card's section merged on top."""
+    from voco.config import Config, plain
+
+    if isinstance(cfg, Config):
+        return plain(cfg.for_dataset(card)["finetune"])
     params = copy.deepcopy(cfg.get("finetune", {}))
     over = card.get("finetune", {}) or {}
-    unknown = sorted(set(over) - set(params))
+    unknown = sorted(set(over) - set(params) - {"epochs"})
     if unknown:
         raise ConfigError(f"dataset card {card['id']}: unknown finetune key(s) {', '.join(unknown)} "
                           f"(allowed: {', '.join(sorted(params))})")
     return deep_merge(params, over)
 
 
-def model_spec(cfg: dict) -> dict:
-    """Model name / size / feature size from the config's ``model`` section (default: the laptop ``cnn_small``)."""
-    m = cfg.get("model", {}) or {}
-    return {"name": m.get("name", "cnn_small"), "size": m.get("size", "B"), "feature_size": m.get("feature_size")}
+def training_length(params: dict, n_train: int) -> dict:
+    """Steps of a run: ``finetune.steps``, or ``epochs x ceil(training cases / batch_size)`` when epochs is set.
 
-
-def num_classes(card: dict) -> int:
-    """Segmentation: max label value + 1 (background included); classification: number of listed classes."""
-    labels = {int(k): v for k, v in (card.get("labels") or {}).items()}
-    if not labels:
-        raise ConfigError(f"dataset card {card['id']}: needs a labels map to fine-tune")
-    if card.get("task") == "classification":
-        return len(labels)
-    return max(labels) + 1
+    Returns the record written into run.json: ``{"steps", "epochs", "train_cases", "batch_size", "from"}``."""
+    batch = max(1, int(params.get("batch_size", 1)))
+    epochs = params.get("epochs")
+    if epochs:
+        per_epoch = -(-int(n_train) // batch)
+        return {"steps": int(epochs) * per_epoch, "epochs": int(epochs), "train_cases": int(n_train),
+                "batch_size": batch, "steps_per_epoch": per_epoch, "from": "epochs"}
+    return {"steps": int(params["steps"]), "epochs": None, "train_cases": int(n_train), "batch_size": batch,
+            "from": "steps"}
 
 
 def parse_n(n: str | int | None) -> int | None:
@@ -108,20 +113,31 @@ def case_class(store: Any, case_id: str) -> int:
         return -1
 
 
-def split_cases(store: Any, card: dict) -> Splits:
+def split_cases(store: Any, card: dict, split_file: str | Path | None = None) -> Splits:
     """Train / val / test case ids (deterministic).
 
-    Test = usable cases of the manifest's test split. When there are none, a held-out validation part of the training
-    cases (``card.split.val_fraction``, seeded by ``card.split.seed``) plays that role and is never trained on.
+    Test = usable cases of the manifest's test split. A reference split file (``card.split.file``, found by
+    :func:`find_split_file`, or ``split_file``) names the train and validation cases; otherwise, when there is no test
+    split, a held-out validation part of the training cases (``card.split.val_fraction``, seeded by
+    ``card.split.seed``) plays that role. Validation cases are never trained on.
     """
     task = card.get("task", "segmentation")
     pool = usable_ids(store, "train", task)
     test = usable_ids(store, "test", task)
     if not pool:
         raise DataError(f"{store.root}: no usable training cases (labelled, status ok) for dataset {card['id']}")
+    split = card.get("split", {}) or {}
+    if split_file is not None or split.get("file"):
+        path = Path(split_file) if split_file is not None else find_split_file(card, store)
+        named = read_split_file(path, pool + test)
+        train = [c for c in pool if c in set(named["train"])]
+        val = [c for c in pool if c in set(named["val"])]
+        ftest = [c for c in pool + test if c in set(named["test"])] or test
+        if not train:
+            raise DataError(f"{path}: none of its training cases is a usable case of {store.root}")
+        return Splits(train, val, ftest)
     if test:
         return Splits(pool, [], test)
-    split = card.get("split", {}) or {}
     frac, seed = float(split.get("val_fraction", 0.2)), int(split.get("seed", 0))
     if len(pool) < 2:
         raise DataError(f"{store.root}: one usable case and no test split: nothing left to evaluate on")
@@ -139,6 +155,66 @@ def split_cases(store: Any, card: dict) -> Splits:
     if len(val) == len(pool):
         val.discard(max(val))
     return Splits([c for i, c in enumerate(pool) if i not in val], [c for i, c in enumerate(pool) if i in val], [])
+
+
+SPLIT_KEYS = {"train": ("train", "training"), "val": ("val", "validation", "valid"), "test": ("test", "testing")}
+
+
+def find_split_file(card: dict, store: Any) -> Path:
+    """The card's ``split.file``: absolute, or relative to the cards folder, the dataset's raw folder or its NIfTI
+    folder (``<data>/raw/<id>/``, ``<data>/nifti/<id>/``, found beside the store's ``<data>/prep/<id>``)."""
+    from voco.config import cards_folder
+
+    name = Path(str(card["split"]["file"]))
+    if name.is_absolute():
+        candidates = [name]
+    else:
+        data = Path(store.root).parent.parent  # <data>/prep/<id> -> <data>
+        candidates = [Path(card.get("_path", cards_folder() / "x")).parent / name,
+                      data / "raw" / card["id"] / name, data / "nifti" / card["id"] / name]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"{card.get('_path', card['id'])}: key split.file: {str(name)!r} not found (looked in "
+                      f"{', '.join(str(c.parent) for c in candidates)}); put the split file there or remove the key")
+
+
+def read_split_file(path: Path, known: Sequence[str]) -> dict[str, list[str]]:
+    """Case ids per split from a split file: ``{"train": [ids], "val": [ids], "test": [ids]}`` (or ``training`` /
+    ``validation``), each entry an id or an MSD / MONAI datalist item ``{"image": ".../<case>.nii.gz", ...}``, whose
+    case id is the image's file name (nnU-Net ``_0000`` channel suffix dropped)."""
+    import json
+    import re
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable split file ({type(e).__name__}: {e})") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a split file is a JSON object with train / val (/ test) lists")
+
+    def case_id(entry: Any) -> str:
+        if isinstance(entry, dict):
+            entry = entry.get("image") or entry.get("id") or ""
+            if isinstance(entry, list):
+                entry = entry[0] if entry else ""
+        name = Path(str(entry)).name
+        name = re.sub(r"\.nii(\.gz)?$|\.nrrd$|\.mha$", "", name)
+        return re.sub(r"_\d{4}$", "", name)
+
+    out: dict[str, list[str]] = {}
+    for split, keys in SPLIT_KEYS.items():
+        items = next((doc[k] for k in keys if k in doc), [])
+        if not isinstance(items, list):
+            raise ConfigError(f"{path}: key {split}: expected a list of case ids or datalist items")
+        out[split] = [case_id(e) for e in items]
+    unknown = sorted(set(out["train"] + out["val"] + out["test"]) - set(known))
+    if unknown:
+        log.warning("%s: %d case(s) not in the store (rejected or absent): %s", path, len(unknown), unknown[:10])
+    overlap = sorted(set(out["train"]) & set(out["val"] + out["test"]))
+    if overlap:
+        raise ConfigError(f"{path}: case(s) both in train and in val/test: {overlap[:10]}")
+    return out
 
 
 def select_train(ids: Sequence[str], n: int | None, seed: int) -> list[str]:
@@ -356,10 +432,16 @@ def finetune(
     if task not in ("segmentation", "classification"):
         raise ConfigError(f"dataset {card['id']}: task {task!r} cannot be fine-tuned")
     params = finetune_params(cfg, card)
-    if steps is not None:
-        params["steps"] = int(steps)
+    if steps is not None:  # a command-line flag: above the card's epochs too
+        params["steps"], params["epochs"] = int(steps), None
     splits = split_cases(store, card)
     train_ids = select_train(splits.train, n_train, seed)
+    length = training_length(params, len(train_ids))
+    params["steps"] = length["steps"]
+    if length["from"] == "epochs":
+        log.info("%s: %d epochs x %d steps per epoch (%d training cases, batch %d) = %d steps", card["id"],
+                 length["epochs"], length["steps_per_epoch"], length["train_cases"], length["batch_size"],
+                 length["steps"])
     ckpt = resolve_init(init, cfg, init_path)
 
     first = store.load(train_ids[0])
@@ -440,6 +522,7 @@ def finetune(
         "method": method, "n_train": "all" if n_train is None else int(n_train), "n_train_used": len(train_ids),
         "seed": int(seed), "train_ids": train_ids, "val_ids": splits.val, "test_ids": splits.test,
         "eval_split": splits.eval_split, "arch": arch, "roi": list(params["roi"]), "steps": int(params["steps"]),
+        "training_length": length,
         "labels": {str(k): v for k, v in (card.get("labels") or {}).items()},
         "train_seconds": float(result.last.get("time", wall)) if result.last else _previous_seconds(out, wall),
         "final": str(result.final), "model": str(out / "model.pt"),
