@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 # The main job: the whole DAG on the embedded default (synthetic phantom CT) on CPU.
+# OVERRIDES=my.yaml (space-separated files) adds your own override files on top of the laptop default.
 run: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile config/profiles/local all --cores $(CORES)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile config/profiles/local all --cores $(CORES) \
+		$(if $(OVERRIDES),--configfile config/config.yaml $(OVERRIDES))
 
 test: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
