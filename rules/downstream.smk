@@ -182,3 +182,5 @@ rule evaluate_all:
 
 
 ALL_TARGETS.append(f"{RESULTS}/report/report.md")
+# every dataset's own tables too (what `dvc repro evaluate@<dataset>` targets, so that it adopts a finished run)
+ALL_TARGETS.extend(f"{RESULTS}/{d}/report/report.md" for d in sorted({r[0] for r in downstream_plan.runs(config, CARDS, DOWNSTREAM)}))

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,7 +407,9 @@ def check_inits(cfg: Config, cards: Mapping[str, dict], report: Report) -> None:
                     "out_channels": num_classes(card)}
             with meta_device():  # names and shapes are all the contract needs
                 net = build_network(arch)
-            rep = load_pretrained(net, path, exclude=(HEAD_PREFIX.get(arch["name"], "out."),))
+            with warnings.catch_warnings():  # copying into meta parameters is the intended no-op
+                warnings.simplefilter("ignore", UserWarning)
+                rep = load_pretrained(net, path, exclude=(HEAD_PREFIX.get(arch["name"], "out."),))
             enc = [n for n in rep.missing if not n.startswith(tuple(getattr(net, "decoder_prefixes", ())))]
             report.add("info", "init", f"{init} ({path})",
                        f"into {target}'s {arch['name']}: {len(rep.loaded)} tensors load, {len(rep.mismatched)} "
