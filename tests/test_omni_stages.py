@@ -273,8 +273,10 @@ def test_suprem_pretrains_on_partial_sources(tmp_path, backbone):
     assert ck["stage"] == "suprem" and ck["method"] == "suprem" and ck["step"] == 3
     s = json.loads((out / "summary.json").read_text())
     assert s["model"] == backbone and s["data"]["tiny_src_a"] == ["spleen", "liver"]
-    head = [k for k in torch.load(out / "backbone.pt", weights_only=True) if k.endswith("weight")][-1]
-    assert torch.load(out / "backbone.pt", weights_only=True)[head].shape[0] == 20  # one sigmoid per VoComni class
+    blob = torch.load(out / "backbone.pt", weights_only=True)
+    head = [k for k in blob["model"] if k.endswith("weight")][-1]
+    assert blob["model"][head].shape[0] == 20  # one sigmoid per VoComni class
+    assert blob["meta"]["labels"]["0"] == "spleen" and len(blob["meta"]["labels"]) == 20
 
 
 def test_online_pseudo_loss_trains_the_decoder_only():

@@ -91,8 +91,15 @@ def test_pretrain_voco_writes_checkpoints_that_transfer(tmp_path, stores):
     fresh = build_model("cnn_small", out_channels=5, feature_size=4)
     rep = load_pretrained(fresh, out / "backbone.pt")
     assert set(rep.missing) == {"out.weight", "out.bias"} and not rep.skipped
-    bb = torch.load(out / "backbone.pt", map_location="cpu", weights_only=True)
+    blob = torch.load(out / "backbone.pt", map_location="cpu", weights_only=True)
+    bb = blob["model"]
     assert torch.equal(fresh.state_dict()["enc.3.conv.weight"], bb["enc.3.conv.weight"])
+    # self-describing: architecture, the corpus' pre-processing (per store) and the preprocessing version
+    meta = blob["meta"]
+    assert meta["format"] == "voco-model/1" and meta["kind"] == "backbone"
+    assert meta["architecture"]["name"] == "cnn_small" and meta["architecture"]["args"]["feature_size"] == 4
+    prep = meta["preprocess"]["datasets"]
+    assert set(prep) == {"abd", "chest"} and all(p["spacing"] == [4.0, 4.0, 4.0] for p in prep.values())
     # final.pt loads the same way: backbone. stripped, projector tensors reported as not in the model
     rep2 = load_pretrained(build_model("cnn_small", out_channels=5, feature_size=4), out / "final.pt")
     assert rep2.skipped and all(k.startswith("projector.") for k in rep2.skipped)

@@ -30,6 +30,7 @@ import numpy as np
 
 from voco.errors import DataError, VocoError
 from voco.io import atomic_path
+from voco.progressbar import track
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def convert_abdomenatlas(inp: Path, out: Path, card: dict) -> Conversion:
         modality={"0": "CT"},
     )
     ignored: set[str] = set()
-    for d in case_dirs:
+    for d in track(case_dirs, f"convert {card.get('id', inp.name)}", logger=log):
         case = d.name
         try:
             ct = nib.load(d / "ct.nii.gz")
@@ -278,7 +279,7 @@ def convert_dicom(inp: Path, out: Path, card: dict) -> Conversion:
         jobs = [("training", case, folder, {}) for case, folder in _series_folders(inp)]
     if not jobs:
         raise DataError(f"{inp}: no DICOM series folders found")
-    for split, case, folder, extra in jobs:
+    for split, case, folder, extra in track(jobs, f"convert {card.get('id', inp.name)} (DICOM)", unit="series", logger=log):
         sub = "imagesTr" if split == "training" else "imagesTs"
         dest = out / sub / f"{case}.nii.gz"
         try:

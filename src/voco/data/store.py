@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from voco.data.geometry import from_ras, zoom_grid
 from voco.errors import DataError
 from voco.io import atomic_path, write_json
 
@@ -290,8 +291,6 @@ def to_original(array: np.ndarray, meta: dict[str, Any], order: int = 0, fill: f
         (..., *meta["original_shape"]) array on the original image's voxel grid (its affine is
         ``meta["original_affine"]``).
     """
-    from voco.data.preprocess import from_ras, zoom_grid
-
     arr = np.asarray(array)
     shape = tuple(meta["shape"])
     if tuple(arr.shape[-3:]) != shape:

@@ -1,8 +1,9 @@
 """Evaluate a fine-tuning run on its held-out cases: sliding-window inference + metrics, per case and summarised.
 
 Segmentation: Dice / HD95 / NSD per foreground class, in the resampled (pre-processed) space against the stored label
-and in the original image geometry (prediction mapped back with :func:`voco.data.store.to_original`, compared with the
-original label file). Classification: accuracy and AUC on whole-volume views.
+and in the original image geometry (class probabilities resampled to the original grid, then argmax:
+:func:`voco.eval.predict.labels_in_original`, the same masks ``voco predict`` writes; compared with the original label
+file). Classification: accuracy and AUC on whole-volume views.
 
 Outputs in ``OUT``: ``cases.csv`` (long form: one row per case x space x class, plus the class mean; classification:
 one row per case) and ``summary.json`` (run identity, per-class and mean metrics, the primary metric, times).
@@ -98,8 +99,9 @@ def evaluate_segmentation(
 
     ``save_dir``: also write each prediction, mapped to the original geometry, as ``<save_dir>/<case>.nii.gz``.
     """
-    from voco.data.store import to_original
-    from voco.eval.inference import predict_labels
+    from voco.eval.inference import predict_probs
+    from voco.eval.predict import labels_in_original
+    from voco.progressbar import track
 
     labels = {int(k): v for k, v in record["labels"].items() if int(k) != 0}
     roi = record["roi"]
@@ -112,26 +114,29 @@ def evaluate_segmentation(
     per: dict[str, list[dict]] = {"resampled": [], "original": []}
     extra_dice: dict[float, list[float]] = {o: [] for o in extra}
     missing_original = 0
-    for cid in ids:
+    for cid in track(ids, f"evaluate {record.get('dataset')} {record.get('init')}/{record.get('method')}", logger=log):
         case = store.load(cid)
         if case.label is None:
             raise DataError(f"{store.root}: case {cid} has no label to evaluate against")
-        pred = predict_labels(net, case.image, roi, overlap, sw, blend)
+        probs = predict_probs(net, case.image, roi, overlap, sw, blend)
+        pred = probs.argmax(0).numpy().astype(np.uint8)
+        # original geometry: probabilities resampled to the original grid, then argmax (what voco predict writes)
+        pred_o = labels_in_original(probs, case.meta) if (original or save_dir is not None) else None
+        del probs
         res = M.segmentation_metrics(pred, np.asarray(case.label), labels, case.meta["spacing"], tol, pct)
         per["resampled"].append(res)
         rows += _rows(cid, "resampled", res)
         for o in extra:
-            p2 = predict_labels(net, case.image, roi, o, sw, blend)
+            p2 = predict_probs(net, case.image, roi, o, sw, blend).argmax(0).numpy().astype(np.uint8)
             m2 = M.segmentation_metrics(p2, np.asarray(case.label), labels, case.meta["spacing"], tol, pct)
             extra_dice[o].append(M.nan_mean(v["dice"] for v in m2.values()))
         if save_dir is not None:
-            save_prediction(to_original(pred, case.meta, order=0), case.meta, save_dir / f"{cid}.nii.gz")
+            save_prediction(pred_o, case.meta, save_dir / f"{cid}.nii.gz")
         if original:
             lp = originals.path(cid, case.meta)
             if lp is None or not Path(lp).is_file():
                 missing_original += 1
                 continue
-            pred_o = to_original(pred, case.meta, order=0)
             gt_o = load_label_file(Path(lp), tuple(case.meta["original_shape"]))
             org = M.segmentation_metrics(pred_o, gt_o, labels, case.meta["original_spacing"], tol, pct)
             per["original"].append(org)
@@ -149,11 +154,9 @@ def evaluate_segmentation(
 
 def save_prediction(label: np.ndarray, meta: dict, path: Path) -> None:
     """Write a label map on the original voxel grid as NIfTI with the original affine (atomic)."""
-    import nibabel as nib
+    from voco.eval.predict import save_mask
 
-    img = nib.Nifti1Image(np.asarray(label, dtype=np.uint8), np.asarray(meta["original_affine"], dtype=float))
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+    save_mask(label, np.asarray(meta["original_affine"], dtype=float), path)
 
 
 def _rows(cid: str, space: str, per_class: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
@@ -169,11 +172,12 @@ def evaluate_classification(net: Any, record: dict, store: Any, ids: list[str]) 
     """Per-case predictions and accuracy / AUC for a classification run (whole volume resized to the ROI)."""
     import torch
 
-    from voco.train.finetune import case_class, resize_volume
+    from voco.progressbar import track
+    from voco.runs import case_class, resize_volume
 
     rows, y_true, probs = [], [], []
     with torch.no_grad():
-        for cid in ids:
+        for cid in track(ids, f"evaluate {record.get('dataset')} {record.get('init')}", logger=log):
             x = resize_volume(store.load(cid).image, record["roi"])[None]
             p = torch.softmax(net(x).float(), 1)[0].numpy()
             t = case_class(store, cid)
@@ -203,10 +207,11 @@ def evaluate_run(
     """
     import torch
 
-    from voco.train.finetune import load_run
+    from voco.runs import load_run
 
     out = Path(out)
-    record, net = load_run(run_dir)
+    run = load_run(run_dir)
+    record, net = run.record, run.net
     overlap = float(ecfg.get("overlap", 0.75) if overlap is None else overlap)
     split_name, ids = eval_ids(record, split or ecfg.get("split", "auto"))
     t0 = time.perf_counter()

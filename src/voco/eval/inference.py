@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,8 @@ def predict_probs(
     sw_batch_size: int = 4,
     mode: str = "gaussian",
     device: torch.device | str = "cpu",
+    amp: bool = False,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Softmax probabilities of a whole volume by sliding-window inference.
 
@@ -37,16 +40,26 @@ def predict_probs(
         roi: window size in voxels.
         overlap: fraction of window overlap (SPEC 6: 0.75).
         mode: window blending ("gaussian" or "constant").
+        device: where the windows run (the blended output stays on the CPU, so whole CT volumes fit).
+        amp: autocast the network to bf16 (fp16 where bf16 is not supported) on CUDA; ignored on the CPU.
+        progress: a progress bar over the windows (MONAI's tqdm bar).
 
     Returns:
         (K, X, Y, Z) float32 probabilities on the CPU.
     """
     model.eval()
-    x = _as_batch(image, device)
-    logits = sliding_window_inference(
-        x, roi_size=list(roi), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap, mode=mode
-    )
-    return torch.softmax(logits.float(), dim=1)[0].cpu()
+    device = torch.device(device)
+    x = _as_batch(image, "cpu")
+    dtype = None
+    if amp and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    ctx = torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with ctx:
+        logits = sliding_window_inference(
+            x, roi_size=list(roi), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap, mode=mode,
+            sw_device=device, device="cpu", progress=progress,
+        )
+    return torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu()
 
 
 def predict_labels(

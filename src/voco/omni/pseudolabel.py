@@ -25,7 +25,7 @@ import torch
 from voco.data.store import MANIFEST, Store, save_array, write_manifest
 from voco.errors import DataError
 from voco.io import write_json
-from voco.omni.curation import confidence, per_class_dice
+from voco.omni.labelmaps import confidence, per_class_dice
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def run_shard(
     """
     from tqdm import tqdm
 
-    from voco.omni.curation import map_label
+    from voco.omni.labelmaps import map_label
 
     store = Store(prep_dir)
     out = Path(out_dir) / f"shard-{shard}" if shard is not None else Path(out_dir)

@@ -23,7 +23,7 @@ from torch import nn
 
 from voco.data.store import Store
 from voco.errors import DataError
-from voco.omni.curation import map_label
+from voco.omni.labelmaps import map_label
 from voco.omni.losses import dice_ce
 from voco.omni.sampling import PosNegSampler
 

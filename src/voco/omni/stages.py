@@ -332,7 +332,11 @@ def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
         progress_title=f"omni {name} ({method}, {model_settings(cfg)['name']})", chance=1.0 / int(ssl["grid"]) ** 2,
     )
     if dist.is_main():
-        save_backbone(net.ssl, out / "backbone.pt")
+        from voco.models.record import backbone_meta
+
+        save_backbone(net.ssl, out / "backbone.pt", backbone_meta(
+            model_settings(cfg), len(classes), [*args.prep, *labelled_dirs], dict(enumerate(classes)),
+            {"stage": name, "method": method, "steps": result.step}))
         from voco.train.progress import read_metrics
 
         recs = read_metrics(out / "metrics.jsonl")

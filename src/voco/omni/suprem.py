@@ -35,7 +35,7 @@ def suprem_step(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str
 
 def run_suprem(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
     """``voco pretrain --method suprem --prep <labelled source stores> --out runs/pretrain/<run>/suprem``."""
-    from voco.io import atomic_path, write_json
+    from voco.io import write_json
     from voco.models import MIN_SIDE, build_model
     from voco.omni.curation import open_sources
     from voco.omni.stage import LabelledBatches, PoolSource
@@ -83,8 +83,12 @@ def run_suprem(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
     result = train(model, suprem_step, batches, lcfg, out, run_config=dict(cfg), crops_per_step=crops,
                    progress_title=f"SuPreM supervised pre-training ({name})")
     if dist.is_main():
-        with atomic_path(out / "backbone.pt") as tmp:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        from voco.models.record import backbone_meta, save_model
+
+        # the output layer holds one sigmoid per VoComni class except background (channel k = classes[k + 1])
+        save_model(out / "backbone.pt", model.state_dict(), backbone_meta(
+            {"name": name, "size": size, "feature_size": feature_size}, len(classes) - 1, list(args.prep or []),
+            dict(enumerate(classes[1:])), {"stage": "suprem", "method": "suprem", "steps": result.step}))
         recs = read_metrics(out / "metrics.jsonl")
         tail = recs[-max(1, len(recs) // 10):]
         write_json(out / "summary.json", {

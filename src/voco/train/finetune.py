@@ -6,7 +6,8 @@ classes, transfers the init's weights by name and shape (``transfer.json``), tra
 (:mod:`voco.train.loop`) and writes, in the run folder:
 
 * ``final.pt`` (the loop's resumable checkpoint), ``metrics.jsonl``, ``progress.png``;
-* ``model.pt``: weights only (``{"model": state_dict, "arch": {...}}``), what ``voco evaluate`` loads;
+* ``model.pt``: a self-describing model file (:mod:`voco.models.record`: weights, architecture, labels, the
+  pre-processing and inference settings), what ``voco evaluate`` / ``predict`` / ``export`` load (:mod:`voco.runs`);
 * ``run.json``: everything ``voco evaluate`` and ``voco report`` need (ids, classes, ROI, times, the init's source);
 * ``transfer.json``: loaded / skipped / mismatched / adapted tensors (empty lists for ``scratch``).
 """
@@ -23,12 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from voco.config import deep_merge
 from voco.errors import CheckpointError, ConfigError, DataError
-from voco.io import atomic_path, write_json
+from voco.io import write_json
+from voco.models.classifier import Classifier, build_network
+from voco.runs import case_class, resize_volume
 from voco.train.settings import HEAD_PREFIX, model_spec, num_classes  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
@@ -102,15 +104,6 @@ def usable_ids(store: Any, split: str, task: str) -> list[str]:
     if task == "classification":
         return [c for c in store.ids(split=split) if case_class(store, c) >= 0]
     return store.ids(split=split, labelled=True)
-
-
-def case_class(store: Any, case_id: str) -> int:
-    """The manifest's ``class`` of a case (-1 when missing)."""
-    v = store.row(case_id).get("class")
-    try:
-        return -1 if v is None or (isinstance(v, float) and np.isnan(v)) else int(v)
-    except (TypeError, ValueError):
-        return -1
 
 
 def split_cases(store: Any, card: dict, split_file: str | Path | None = None) -> Splits:
@@ -258,30 +251,6 @@ def resolve_init(init: str, cfg: dict, init_path: str | None = None) -> Path | N
     )
 
 
-class Classifier(nn.Module):
-    """Backbone's pooled-encoder embedding (SPEC 2 ``embed``) -> linear head -> class logits (N, K)."""
-
-    def __init__(self, backbone: nn.Module, n_classes: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(int(backbone.embed_dim), n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.embed(x))
-
-
-def build_network(arch: dict) -> nn.Module:
-    """The network of a run from its ``arch`` record (model.pt / run.json)."""
-    from voco.models import build_model
-
-    seg_k = arch["out_channels"] if arch["task"] == "segmentation" else 2
-    net = build_model(arch["name"], in_channels=arch["in_channels"], out_channels=seg_k, size=arch["size"],
-                      feature_size=arch.get("feature_size"))
-    if arch["task"] == "classification":
-        net = Classifier(net, arch["out_channels"])
-    return net
-
-
 def transfer_init(net: nn.Module, arch: dict, ckpt: Path | None, params: dict) -> dict:
     """Load ``ckpt`` into ``net`` (its backbone for classifiers); returns the transfer report as a dict."""
     from voco.models import load_pretrained
@@ -352,14 +321,6 @@ def segmentation_batches(store: Any, ids: list[str], params: dict, seed: int):
     return batches
 
 
-def resize_volume(image: np.ndarray, size: Sequence[int]) -> torch.Tensor:
-    """(X, Y, Z) or (C, X, Y, Z) -> (C, *size) float32 by trilinear resizing (the classifier's whole-volume view)."""
-    t = torch.from_numpy(np.asarray(image, dtype=np.float32))
-    if t.ndim == 3:
-        t = t[None]
-    return F.interpolate(t[None], size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)[0]
-
-
 def classification_batches(store: Any, ids: list[str], params: dict, seed: int):
     """Batch factory: whole volumes resized to the ROI, ``batch_size * samples_per_volume`` volumes per batch."""
     roi = tuple(params["roi"])
@@ -420,6 +381,7 @@ def finetune(
     steps: int | None = None,
 ) -> dict:
     """Fine-tune one run; returns its ``run.json`` record. See the module docstring for the files written."""
+    from voco.models.record import model_meta, preprocess_record, save_model
     from voco.train.loop import LoopConfig, train
     from voco.train.medcontext import EmaTeacher, block_mask, cosine_momentum
 
@@ -515,15 +477,23 @@ def finetune(
     )
     wall = time.perf_counter() - t0
     bare = model.student if isinstance(model, MedContextNet) else model
-    with atomic_path(out / "model.pt") as tmp:
-        torch.save({"model": {k: v.detach().cpu() for k, v in bare.state_dict().items()}, "arch": arch}, tmp)
+    preprocess = preprocess_record(first.meta)
+    labels = {str(k): v for k, v in (card.get("labels") or {}).items()}
+    ecfg = cfg.get("evaluate", {}) or {}
+    inference = {"roi": list(params["roi"]), "overlap": float(ecfg.get("overlap", 0.75)),
+                 "sw_batch_size": int(ecfg.get("sw_batch_size", 4)), "blend": str(ecfg.get("blend", "gaussian"))}
+    meta = model_meta(arch, "finetune", labels, preprocess, inference if task == "segmentation" else {},
+                      {"dataset": card["id"], "init": init, "init_source": str(ckpt) if ckpt else None,
+                       "method": method, "steps": int(params["steps"]), "seed": int(seed),
+                       "n_train_used": len(train_ids)})
+    save_model(out / "model.pt", bare.state_dict(), meta, arch)
     record = {
         "dataset": card["id"], "task": task, "init": init, "init_source": str(ckpt) if ckpt else None,
         "method": method, "n_train": "all" if n_train is None else int(n_train), "n_train_used": len(train_ids),
         "seed": int(seed), "train_ids": train_ids, "val_ids": splits.val, "test_ids": splits.test,
         "eval_split": splits.eval_split, "arch": arch, "roi": list(params["roi"]), "steps": int(params["steps"]),
         "training_length": length,
-        "labels": {str(k): v for k, v in (card.get("labels") or {}).items()},
+        "labels": labels, "preprocess": preprocess,
         "train_seconds": float(result.last.get("time", wall)) if result.last else _previous_seconds(out, wall),
         "final": str(result.final), "model": str(out / "model.pt"),
         "transfer": {k: len(transfer.get(k, [])) for k in ("loaded", "skipped", "mismatched", "adapted", "missing")},
@@ -541,22 +511,3 @@ def _previous_seconds(out: Path, default: float) -> float:
         return float(read_json(out / "run.json")["train_seconds"])
     except (OSError, ValueError, KeyError):
         return default
-
-
-def load_run(run_dir: str | Path) -> tuple[dict, nn.Module]:
-    """``run.json`` and the trained network (eval mode, CPU) of a fine-tuning run folder."""
-    from voco.io import read_json
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file() or not (run_dir / "model.pt").is_file():
-        raise CheckpointError(f"{run_dir}: not a finished fine-tuning run (run.json / model.pt missing); "
-                              "run voco finetune first")
-    record = read_json(run_dir / "run.json")
-    try:
-        blob = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint for the user
-        raise CheckpointError(f"{run_dir / 'model.pt'}: unreadable ({type(e).__name__}: {e})") from e
-    net = build_network(blob["arch"])
-    net.load_state_dict(blob["model"])
-    net.eval()
-    return record, net

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from voco.errors import ConfigError, DataError
-from voco.io import atomic_path, write_json
+from voco.io import write_json
 from voco.models import MIN_SIDE, build_model, freeze_decoder
 from voco.train import distributed as dist
 from voco.train.checkpoint import seed_everything
@@ -252,12 +252,12 @@ def loop_config(
     return LoopConfig.from_mapping(section, steps=steps, stage=stage, method=method, **over)
 
 
-def save_backbone(student: SSLNet, path: str | os.PathLike[str]) -> Path:
-    """Backbone-only state dict (MONAI SwinUNETR / our names), atomically."""
-    state = {k: v.detach().cpu() for k, v in student.backbone.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+def save_backbone(student: SSLNet, path: str | os.PathLike[str], meta: Mapping[str, Any] | None = None) -> Path:
+    """The backbone's weights (MONAI SwinUNETR / our names) as a self-describing model file (``{"model", "meta"}``,
+    :mod:`voco.models.record`), atomically."""
+    from voco.models.record import save_model
+
+    return save_model(path, student.backbone.state_dict(), meta or {})
 
 
 def run_ssl(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
@@ -336,7 +336,10 @@ def run_ssl(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
         chance=1.0 / int(ssl["grid"]) ** 2,
     )
     if dist.is_main():
-        save_backbone(student, out / "backbone.pt")
+        from voco.models.record import backbone_meta
+
+        save_backbone(student, out / "backbone.pt", backbone_meta(
+            cfg.get("model", {}), 2, args.prep, training={"stage": "ssl", "method": method, "steps": result.step}))
         write_json(out / "summary.json", summarize(out, method, cfg, ssl, batch_size, volumes, result.wall_s))
     dist.barrier()
     return 0
