@@ -5,60 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 
-from voco.cli import main as voco
 from voco.errors import DataError
 from voco.eval import metrics as M
 from voco.eval.evaluate import eval_ids
-
-# TotalSegmentator v2 class ids -> our smoke-task classes
-TS_CLASSES = {1: (1, "spleen"), 2: (2, "kidney_right"), 3: (3, "kidney_left"), 5: (4, "liver")}
-
-
-def _write_case(ref: Path, out: Path, name: str, flip: bool) -> tuple[str, str]:
-    ct = nib.load(ref / "example_ct_sm.nii.gz")
-    seg = nib.load(ref / "example_seg.nii.gz")
-    img = np.asanyarray(ct.dataobj).astype(np.int16)
-    src = np.asanyarray(seg.dataobj)
-    lab = np.zeros(src.shape, dtype=np.uint8)
-    for ts, (ours, _) in TS_CLASSES.items():
-        lab[src == ts] = ours
-    if flip:  # a second, different-looking case: mirrored along the first voxel axis (same geometry)
-        img, lab = img[::-1].copy(), lab[::-1].copy()
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(img, ct.affine), out / "imagesTr" / f"{name}.nii.gz")
-    nib.save(nib.Nifti1Image(lab, ct.affine), out / "labelsTr" / f"{name}.nii.gz")
-    return f"imagesTr/{name}.nii.gz", f"labelsTr/{name}.nii.gz"
-
-
-@pytest.fixture(scope="module")
-def totalseg_run(totalseg_ref, tmp_path_factory):
-    """A 3-case real-CT task (2 train, 1 test), pre-processed, fine-tuned 30 steps from scratch and evaluated."""
-    root = tmp_path_factory.mktemp("totalseg_task")
-    nifti = root / "nifti"
-    entries = [_write_case(totalseg_ref, nifti, n, f) for n, f in [("ts_a", False), ("ts_b", True), ("ts_c", False)]]
-    labels = {"0": "background", **{str(o): n for o, n in TS_CLASSES.values()}}
-    doc = {
-        "name": "totalseg_smoke", "labels": labels, "modality": {"0": "CT"}, "region": "abdomen",
-        "training": [{"image": i, "label": lab} for i, lab in entries[:2]],
-        "test": [{"image": entries[2][0], "label": entries[2][1]}],
-    }
-    (nifti / "dataset.json").write_text(json.dumps(doc))
-    prep, run, res = root / "prep", root / "run", root / "res"
-    assert voco(["preprocess", "--dataset-json", str(nifti / "dataset.json"), "--out", str(prep),
-                 "--dataset", "totalseg_smoke", "--region", "abdomen"]) == 0
-    assert voco(["finetune", "--dataset", "totalseg_smoke", "--init", "scratch", "--prep", str(prep),
-                 "--out", str(run), "--steps", "30", "--seed", "0"]) == 0
-    assert voco(["evaluate", "--dataset", "totalseg_smoke", "--run", str(run), "--prep", str(prep),
-                 "--out", str(res), "--save-predictions"]) == 0
-    return {"root": root, "nifti": nifti, "prep": prep, "run": run, "res": res, "ref": totalseg_ref}
 
 
 @pytest.mark.slow
