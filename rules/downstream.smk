@@ -14,7 +14,7 @@ DOWNSTREAM_SUMMARIES = downstream_plan.summaries(config, CARDS, DOWNSTREAM)
 
 
 wildcard_constraints:
-    init="scratch|ssl|stage1|stage2|suprem",
+    init=downstream_plan.init_wildcard(config),  # scratch | our stages | released names | file-<stem> (voco.inits)
     method="plain|medcontext",
     n=r"all|\d+",
     seed=r"\d+",

@@ -118,7 +118,10 @@ def build_index(cfg: Mapping[str, Any], cards: Mapping[str, Mapping[str, Any]], 
         "plots": [{f"{rep}/table.csv": {"cache": False, "persist": True}},
                   {f"{rep}/results.csv": {"cache": False, "persist": True}},
                   _persist(f"{rep}/label_efficiency.png"), _persist(f"{rep}/training_curves.png")]}
-    return {"stages": stages}
+    # every run's training curves (voco.train.progress writes them beside metrics.jsonl): `dvc metrics show` lists each
+    # run's last step, `dvc plots show` draws each run's loss
+    return {"stages": stages, "metrics": [f"{runs}/tracking/metrics"],
+            "plots": [{f"{runs}/tracking/plots": {"x": "step", "y": "total"}}]}
 
 
 class _NoAliases(yaml.SafeDumper):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from voco import inits as _inits
+
 TASKS = ("segmentation", "classification")
 
 
@@ -29,7 +31,7 @@ def runs(cfg: Mapping, cards: Mapping[str, Mapping], datasets: Sequence[str]) ->
         card = {"id": d, **cards[d]}
         if card.get("task", "segmentation") not in TASKS:
             continue
-        for init in ft["inits"]:
+        for init in init_ids(cfg):
             for method in methods_for(cfg, card):
                 for n in ft["n_train"]:
                     for seed in ft["seeds"]:
@@ -45,13 +47,32 @@ def result_dir(results_root: str, d: str, init: str, method: str, n: str | int, 
     return f"{results_root}/{d}/{init}/{method}/n{n}-s{seed}"
 
 
-def init_checkpoint(cfg: Mapping, init: str) -> list[str]:
-    """The pre-trained backbone an init starts from: ``<runs>/pretrain/<pretrain_run>/<init>/backbone.pt`` ([] for scratch).
+def init_ids(cfg: Mapping) -> list[str]:
+    """The init ids of ``finetune.inits`` (``file:<path>`` -> ``file-<stem>``; see :mod:`voco.inits`), in order."""
+    return list(dict.fromkeys(_inits.init_id(e) for e in cfg["finetune"]["inits"]))
 
-    ``backbone.pt`` is the clean backbone export every pre-training rule writes (``final.pt`` holds the whole
-    training state, e.g. the omni stages wrap the backbone in their SSL / segmentation modules)."""
+
+def init_wildcard(cfg: Mapping) -> str:
+    """Regex alternation of the configured init ids (the ``{init}`` wildcard constraint)."""
+    import re
+
+    ids = init_ids(cfg)
+    return "|".join(re.escape(i) for i in ids) if ids else "(?!x)x"
+
+
+def init_checkpoint(cfg: Mapping, init: str) -> list[str]:
+    """The checkpoint an init starts from ([] for scratch).
+
+    Our stages: ``<runs>/pretrain/<pretrain_run>/<init>/backbone.pt``, the clean backbone export every pre-training
+    rule writes (``final.pt`` holds the whole training state, e.g. the omni stages wrap the backbone in their SSL /
+    segmentation modules). Released checkpoints by name: ``<data>/weights/<file>``; ``file:<path>`` entries: the path.
+    """
     if init == "scratch":
         return []
+    if init not in _inits.OURS:
+        path = _inits.init_paths(list(cfg["finetune"]["inits"]), cfg["paths"].get("data", "data")).get(init)
+        if path:
+            return [str(path)]
     return [f"{cfg['paths']['runs']}/pretrain/{cfg['finetune']['pretrain_run']}/{init}/backbone.pt"]
 
 

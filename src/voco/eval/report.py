@@ -173,6 +173,8 @@ def collect_transfer(runs: str | os.PathLike[str] | None) -> pd.DataFrame:
             "loaded": len(t.get("loaded", [])), "adapted": len(t.get("adapted", [])),
             "mismatched": len(t.get("mismatched", [])), "skipped": len(t.get("skipped", [])),
             "excluded": len(t.get("excluded", [])), "left_at_init": len(t.get("missing", [])),
+            "layout": t.get("layout") or "", "encoder_loaded": (
+                f"{t['encoder']['loaded']}/{t['encoder']['model']}" if (t.get("encoder") or {}).get("model") else ""),
         }
     return pd.DataFrame(list(rows.values()))
 

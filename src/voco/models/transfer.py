@@ -1,8 +1,12 @@
 """Loading pre-trained weights by name and shape (SPEC 6, 7), with a report of everything not loaded.
 
 Accepts our checkpoints (``{"model": ...}``), ``{"state_dict": ...}`` / ``{"net": ...}`` / ``{"network_weights": ...}``
-wrappers and raw state dicts (released VoCo / SuPreM files). Wrapper prefixes (``module.``, ``backbone.``,
-``_orig_mod.``) are stripped. Loading is weights-only: no arbitrary object is ever unpickled.
+wrappers and raw state dicts (released VoCo / VoComni / SuPreM files). The official key names are mapped to ours
+(:func:`map_official_keys`): wrapper prefixes (``module.``, ``backbone.``, ``_orig_mod.``, ``model.``) are stripped,
+``swin_vit`` becomes ``swinViT`` (the official fine-tuning code's rename), and a bare Swin transformer
+(``patch_embed.`` / ``layers1.`` ...) is placed under ``swinViT.``. The report says which layout was recognised, what
+was renamed, and how many of the model's encoder tensors loaded. Loading is weights-only: no arbitrary object is
+ever unpickled.
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("model", "state_dict", "net", "network_weights", "student")
 STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.", "model.")
+#: official name -> ours, at the start of a key (after the prefixes are stripped)
+RENAMES = (("swin_vit.", "swinViT."),)
+#: first components of a bare MONAI SwinTransformer state dict (the NV / VoCo SSL encoders without the UNETR around it)
+SWIN_TOP = ("patch_embed.", "layers1.", "layers2.", "layers3.", "layers4.", "layers1c.", "layers2c.", "layers3c.",
+            "layers4c.")
+#: tensors of training heads the released files carry beside the backbone (never part of a segmentation model)
+HEAD_PREFIXES = {"student.": "VoCo projection head", "teacher.": "VoCo EMA projection head",
+                 "proj_head.": "VoCo v1 projection head", "projector.": "projection head",
+                 "precls_conv.": "SuPreM head", "GAP.": "SuPreM head", "controller.": "SuPreM head",
+                 "text_to_vision.": "SuPreM head", "organ_embedding": "SuPreM head"}
 
 
 @dataclass
@@ -35,6 +49,10 @@ class TransferReport:
     adapted: list[dict[str, Any]] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    layout: str = "voco"
+    renamed: dict[str, int] = field(default_factory=dict)
+    heads: dict[str, int] = field(default_factory=dict)
+    encoder: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -43,10 +61,13 @@ class TransferReport:
         return d
 
     def summary(self) -> str:
+        enc = (f"; encoder {self.encoder['loaded']}/{self.encoder['model']} tensors loaded"
+               if self.encoder.get("model") else "")
+        ren = f"; renamed {self.renamed}" if self.renamed else ""
         return (
-            f"{self.source}: loaded {len(self.loaded)}, adapted {len(self.adapted)}, shape-mismatched "
-            f"{len(self.mismatched)}, not in model {len(self.skipped)}, excluded {len(self.excluded)}, "
-            f"model tensors left at init {len(self.missing)}"
+            f"{self.source} ({self.layout} layout{ren}): loaded {len(self.loaded)}, adapted {len(self.adapted)}, "
+            f"shape-mismatched {len(self.mismatched)}, not in model {len(self.skipped)}, excluded "
+            f"{len(self.excluded)}, model tensors left at init {len(self.missing)}{enc}"
         )
 
 
@@ -96,6 +117,53 @@ def strip_prefixes(
     return out
 
 
+def map_official_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Official key names -> ours (see the module docstring).
+
+    Returns:
+        (mapped state dict, info): info holds ``layout`` (``voco`` = already ours, ``voco_ssl_head``, ``vocomni``,
+        ``voco_v1``, ``suprem``, ``swin_encoder``), ``renamed`` (rule -> count, prefixes stripped included) and
+        ``heads`` (training-head name -> tensor count: these are reported as not in the model).
+    """
+    renamed: dict[str, int] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, v in state.items():
+        k, changed = key, True
+        while changed:
+            changed = False
+            for p in STRIP_PREFIXES:
+                if k.startswith(p):
+                    k = k[len(p):]
+                    renamed[f"strip {p}"] = renamed.get(f"strip {p}", 0) + 1
+                    changed = True
+        for old, new in RENAMES:
+            if k.startswith(old):
+                k = new + k[len(old):]
+                renamed[f"{old} -> {new}"] = renamed.get(f"{old} -> {new}", 0) + 1
+        if k.startswith(SWIN_TOP):
+            k = "swinViT." + k
+            renamed["swin transformer -> swinViT."] = renamed.get("swin transformer -> swinViT.", 0) + 1
+        out[k] = v
+    heads: dict[str, int] = {}
+    for k in out:
+        for p, what in HEAD_PREFIXES.items():
+            if k.startswith(p):
+                heads[what] = heads.get(what, 0) + 1
+    if "SuPreM head" in heads:
+        layout = "suprem"
+    elif "VoCo v1 projection head" in heads:
+        layout = "voco_v1"
+    elif "VoCo projection head" in heads:
+        layout = "voco_ssl_head"
+    elif "swin transformer -> swinViT." in renamed:
+        layout = "swin_encoder"
+    elif not heads and "out.conv.conv.weight" in out and out["out.conv.conv.weight"].shape[0] == 21:
+        layout = "vocomni"
+    else:
+        layout = "voco"
+    return out, {"layout": layout, "renamed": renamed, "heads": heads}
+
+
 def load_pretrained(
     model: nn.Module,
     path_or_state: str | os.PathLike[str] | dict,
@@ -123,9 +191,9 @@ def load_pretrained(
     else:
         source = str(path_or_state)
         raw = read_checkpoint(path_or_state)
-    state = strip_prefixes(extract_state_dict(raw, source))
+    state, info = map_official_keys(extract_state_dict(raw, source))
     target = model.state_dict()
-    report = TransferReport(source=source)
+    report = TransferReport(source=source, layout=info["layout"], renamed=info["renamed"], heads=info["heads"])
     new_state: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if exclude and name.startswith(tuple(exclude)):
@@ -180,6 +248,10 @@ def load_pretrained(
         )
     done = set(new_state)
     report.missing = [n for n in target if n not in done]
+    decoder = tuple(getattr(model, "decoder_prefixes", ()))
+    enc = [n for n in target if not (decoder and n.startswith(decoder))]
+    report.encoder = {"model": len(enc), "loaded": sum(n in done for n in enc),
+                      "missing": [n for n in enc if n not in done]}
     model.load_state_dict(new_state, strict=False)
     log.info("transfer %s", report.summary())
     return report

@@ -222,29 +222,52 @@ def select_train(ids: Sequence[str], n: int | None, seed: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ inits
-def resolve_init(init: str, cfg: dict, init_path: str | None = None) -> Path | None:
-    """Checkpoint file of an init (None for scratch).
+def resolve_init(init: str, cfg: dict, init_path: str | None = None) -> tuple[str, Path | None]:
+    """(init id, checkpoint file) of an init (no file for scratch).
 
     ``ssl|stage1|stage2|suprem``: ``--init-path`` if given, else ``<runs>/pretrain/<pretrain_run>/<init>/backbone.pt``,
-    else ``final.pt`` there. ``file``: ``--init-path`` (a released VoCo / VoComni / SuPreM file or ours).
+    else ``final.pt`` there. A released checkpoint by name (``VoCo_B_SSL_head`` ..., :data:`voco.inits.RELEASED`):
+    ``--init-path`` or ``<data>/weights/<file>``. ``file:<path>``: that file (init id ``file-<stem>``). ``file`` or
+    ``file-<stem>``: ``--init-path``.
     """
-    if init not in INITS:
-        raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+    from voco.inits import FILE_PREFIX, OURS, RELEASED, WEIGHTS_DIR, check_model, init_id
+
+    if init.startswith(FILE_PREFIX):
+        if init_path:
+            raise ConfigError(f"--init {init} names its file already; drop --init-path")
+        init_path = init[len(FILE_PREFIX):]
+        init = init_id(init)
+    known = init in OURS or init in RELEASED or init == "file" or init.startswith("file-")
+    if not known:
+        raise ConfigError(f"--init must be one of {', '.join(INITS)}, a released checkpoint ({', '.join(RELEASED)}), "
+                          f"file:<path> or file-<name> with --init-path; got {init!r}")
     if init == "scratch":
         if init_path:
             raise ConfigError("--init scratch takes no --init-path")
-        return None
+        return init, None
+    if init in RELEASED:
+        try:
+            check_model(init, cfg.get("model", {}) or {})
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not init_path:
+            r = RELEASED[init]
+            p = Path(cfg["paths"]["data"]) / WEIGHTS_DIR / r.filename
+            if not p.is_file():
+                raise CheckpointError(f"{p}: released checkpoint {init} not found; download {r.url} there "
+                                      f"(or pass --init-path / use file:<path> in finetune.inits)")
+            return init, p
     if init_path:
         p = Path(init_path)
         if not p.is_file():
             raise CheckpointError(f"{p}: init checkpoint not found")
-        return p
-    if init == "file":
-        raise ConfigError("--init file needs --init-path PATH (a VoCo / VoComni / SuPreM checkpoint)")
+        return init, p
+    if init == "file" or init.startswith("file-"):
+        raise ConfigError(f"--init {init} needs --init-path PATH (a VoCo / VoComni / SuPreM checkpoint)")
     run_dir = Path(cfg["paths"]["runs"]) / "pretrain" / cfg["finetune"]["pretrain_run"] / init
     for name in CHECKPOINT_NAMES:
         if (run_dir / name).is_file():
-            return run_dir / name
+            return init, run_dir / name
     raise CheckpointError(
         f"{run_dir}: no {' or '.join(CHECKPOINT_NAMES)} for init {init!r}; run its pre-training first "
         f"(snakemake {run_dir}/final.pt) or pass --init-path"
@@ -404,7 +427,7 @@ def finetune(
         log.info("%s: %d epochs x %d steps per epoch (%d training cases, batch %d) = %d steps", card["id"],
                  length["epochs"], length["steps_per_epoch"], length["train_cases"], length["batch_size"],
                  length["steps"])
-    ckpt = resolve_init(init, cfg, init_path)
+    init, ckpt = resolve_init(init, cfg, init_path)
 
     first = store.load(train_ids[0])
     in_ch = 1 if first.image.ndim == 3 else int(first.image.shape[0])
@@ -496,7 +519,9 @@ def finetune(
         "labels": labels, "preprocess": preprocess,
         "train_seconds": float(result.last.get("time", wall)) if result.last else _previous_seconds(out, wall),
         "final": str(result.final), "model": str(out / "model.pt"),
-        "transfer": {k: len(transfer.get(k, [])) for k in ("loaded", "skipped", "mismatched", "adapted", "missing")},
+        "transfer": {**{k: len(transfer.get(k, [])) for k in ("loaded", "skipped", "mismatched", "adapted", "missing")},
+                     "layout": transfer.get("layout"),
+                     "encoder": {k: v for k, v in (transfer.get("encoder") or {}).items() if k != "missing"}},
     }
     write_json(out / "run.json", record)
     log.info("fine-tuned %s %s/%s N=%s seed %d in %.1f s -> %s", card["id"], init, method,

@@ -19,7 +19,8 @@ A stage supplies:
 The loop: AdamW + linear warmup + cosine, autocast (bf16 / fp16 + GradScaler) on CUDA and plain fp32 on CPU, DDP when
 the process group is initialised, atomic checkpoints every N steps (``last.pt``) and at the end (``final.pt``) with model,
 optimiser, scheduler, scaler, EMA, per-rank RNG states, data position and global step; exact resume from the newest of
-them; a tqdm bar on rank 0; ``metrics.jsonl`` every step and ``progress.png`` at every checkpoint.
+them; a tqdm bar on rank 0; ``metrics.jsonl`` (+ TensorBoard events) every step, ``progress.png`` and the DVC metrics /
+plots files (:mod:`voco.train.progress`) at every checkpoint.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from voco.train.checkpoint import (
     save_checkpoint,
     seed_everything,
 )
-from voco.train.progress import MetricsLog, plot_progress
+from voco.train.progress import MetricsLog, plot_progress, write_tracking
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +352,7 @@ def train(
             }
             save_checkpoint(out / name, state_out)
             plot_progress(out / "metrics.jsonl", out / "progress.png", title=progress_title, chance=chance)
+            write_tracking(out / "metrics.jsonl")
         dist.barrier()
 
     try:

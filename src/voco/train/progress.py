@@ -1,4 +1,18 @@
-"""Training progress files: ``metrics.jsonl`` (one JSON object per step) and ``progress.png`` (loss terms + accuracy)."""
+"""Training progress files: ``metrics.jsonl`` (one JSON object per step, the source of truth), ``progress.png`` (loss
+terms + accuracy), and the views that TensorBoard and DVC read.
+
+* TensorBoard: ``events.out.tfevents.*`` in the run folder (``tensorboard --logdir runs``), one scalar per logged key
+  and step under ``train/<key>``; a resumed run purges the steps it redoes (``purge_step``).
+* DVC: ``<runs>/tracking/metrics/<run path>.json`` (the last step's values: ``dvc metrics show``) and
+  ``<runs>/tracking/plots/<run path>.tsv`` (every step: ``dvc plots show``), where ``<run path>`` is the run folder
+  below ``<runs>`` (e.g. ``finetune/btcv/stage2/plain/nall-s0``). They sit outside the run folders because DVC reads
+  a whole directory of metrics / plots and the run folders hold other JSON files; the project's ``dvc.yaml`` lists
+  the two directories. A run outside ``<runs>/{pretrain,finetune}`` keeps them in ``<run>/tracking/``.
+
+Why not DVCLive: measured here, it rewrites the repository's ``dvc.yaml`` on every run (or needs a per-run
+``dvc.yaml``, which DVC ignores inside a stage output such as ``runs/finetune/<dataset>``), fails outside a git
+repository with a commit, and writes no TensorBoard events. Both views are rebuilt from ``metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
@@ -35,22 +49,91 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume, records after the checkpoint's step are dropped (they are redone)."""
+    """Append-only ``metrics.jsonl``; on resume, records after the checkpoint's step are dropped (they are redone).
 
-    def __init__(self, path: str | os.PathLike[str], resume_step: int = 0) -> None:
+    With ``tensorboard`` (default), every record also goes to TensorBoard event files in the same folder.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], resume_step: int = 0, tensorboard: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= resume_step] if resume_step else []
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._fh = self.path.open("a")
+        self._tb = _summary_writer(self.path.parent, resume_step) if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record, default=float) + "\n")
         self._fh.flush()
+        if self._tb is not None and "step" in record:
+            step = int(record["step"])
+            for k, v in record.items():
+                if k not in ("step", "epoch") and _finite(v):
+                    self._tb.add_scalar(f"train/{k}", float(v), step)
 
     def close(self) -> None:
         self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _summary_writer(folder: Path, resume_step: int) -> Any:
+    """A TensorBoard writer in ``folder`` (None, with a warning, when the tensorboard package is missing)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # pragma: no cover - tensorboard is a pinned dependency
+        log.warning("TensorBoard event files not written (%s); metrics.jsonl is complete", e)
+        return None
+    return SummaryWriter(log_dir=str(folder), purge_step=resume_step + 1 if resume_step else None, flush_secs=30)
+
+
+#: stage folders directly below the runs root (``<runs>/pretrain/...``, ``<runs>/finetune/...``)
+STAGE_DIRS = ("pretrain", "finetune")
+
+
+def tracking_paths(run_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """(metrics JSON, plots TSV) that DVC reads for the run in ``run_dir`` (see the module docstring)."""
+    run_dir = Path(run_dir)
+    parts = run_dir.parts
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] in STAGE_DIRS and i + 1 < len(parts):
+            root = Path(*parts[:i]) if i else Path(".")
+            rel = Path(*parts[i:])
+            return (root / "tracking" / "metrics" / rel.parent / f"{rel.name}.json",
+                    root / "tracking" / "plots" / rel.parent / f"{rel.name}.tsv")
+    return run_dir / "tracking" / "metrics.json", run_dir / "tracking" / "plots.tsv"
+
+
+def write_tracking(metrics_path: str | os.PathLike[str]) -> tuple[Path, Path] | None:
+    """Rewrite the DVC metrics JSON and plots TSV of a run from its ``metrics.jsonl`` (atomically); returns their paths.
+
+    The TSV has a ``step`` column and one column per numeric key (blank where a step lacks it); the JSON holds the
+    last step's numeric values.
+    """
+    records = read_metrics(metrics_path)
+    if not records:
+        return None
+    keys: list[str] = []
+    for r in records:
+        for k, v in r.items():
+            if k != "step" and k not in keys and isinstance(v, int | float) and not isinstance(v, bool):
+                keys.append(k)
+    mpath, ppath = tracking_paths(Path(metrics_path).parent)
+    lines = ["\t".join(["step", *keys])]
+    for r in records:
+        lines.append("\t".join([str(int(r["step"]))] + [_cell(r.get(k)) for k in keys]))
+    last = {"step": int(records[-1]["step"]), **{k: float(v) for k, v in records[-1].items()
+                                               if k in keys and _finite(v)}}
+    for path, text in ((ppath, "\n".join(lines) + "\n"), (mpath, json.dumps(last, indent=1) + "\n")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return mpath, ppath
+
+
+def _cell(v: Any) -> str:
+    return repr(float(v)) if _finite(v) else ""
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
