@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "sliding-window inference and metrics (Dice, HD95, NSD / accuracy, AUC)"),
     "report": ("report", "paper-style tables and plots from the evaluation results"),
     "predict": ("predict", "segment new scans (NIfTI / DICOM) with a fine-tuned run; masks in their original geometry"),
+    "export": ("export", "share a fine-tuned run: MONAI bundle or Hugging Face-style folder (safetensors + model card)"),
     "config": ("config_cmd", "validate a config (and overrides) and print the resolved result"),
     "dvc-index": ("dvc_index", "generate dvc.yaml (the DVC index over the workflow) from the config, or --check it"),
     "check": ("check", "validate the whole plan (rules, cards, model builds, inits, profiles) in seconds"),
