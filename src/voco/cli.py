@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report", "paper-style tables and plots from the evaluation results"),
     "predict": ("predict", "segment new scans (NIfTI / DICOM) with a fine-tuned run; masks in their original geometry"),
     "export": ("export", "share a fine-tuned run: MONAI bundle or Hugging Face-style folder (safetensors + model card)"),
+    "container": ("container", "check containers/voco.def with spython, build the Apptainer image where apptainer is"),
     "config": ("config_cmd", "validate a config (and overrides) and print the resolved result"),
     "dvc-index": ("dvc_index", "generate dvc.yaml (the DVC index over the workflow) from the config, or --check it"),
     "check": ("check", "validate the whole plan (rules, cards, model builds, inits, profiles) in seconds"),

@@ -29,3 +29,7 @@ class DownloadError(VocoError):
 
 class CheckpointError(VocoError):
     """A checkpoint cannot be read or does not fit the model."""
+
+
+class ContainerError(VocoError):
+    """The Apptainer definition is invalid, or the container cannot be built here (names the file / the tool)."""
