@@ -21,7 +21,7 @@ rule predict:
         batch=r"[A-Za-z0-9_.-]+",
     params:
         voco=VOCO,
-        config=VOCO_CONFIG,
+        config=cfg_for("predict"),
         run=lambda wc, input: os.path.dirname(input.run),
     threads: 1
     resources:

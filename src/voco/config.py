@@ -479,6 +479,7 @@ RULE_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate",),
     "evaluate_dataset": ("report",),
     "report": ("report",),
+    "predict": ("evaluate",),
 }
 
 

@@ -99,9 +99,17 @@ def _preprocessing(pre: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def inference_config(run: Any) -> dict[str, Any]:
+def inference_settings(run: Any, evaluate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sliding-window settings of the export: the ROI the run trained on, overlap / windows per pass / blending of the
+    ``evaluate`` config section (as ``voco evaluate`` and ``voco predict`` use them)."""
+    ev = dict(evaluate or {})
+    return {"roi": [int(r) for r in run.roi], "overlap": float(ev.get("overlap", 0.5)),
+            "sw_batch_size": int(ev.get("sw_batch_size", 4)), "blend": str(ev.get("blend", "gaussian"))}
+
+
+def inference_config(run: Any, inf: dict[str, Any]) -> dict[str, Any]:
     """The bundle's ``configs/inference.json`` (see the module docstring)."""
-    pre, inf = run.preprocess, dict(run.meta.get("inference") or {})
+    pre = run.preprocess
     roi = [int(r) for r in run.roi]
     return {
         "imports": ["$import glob", "$import os", "$import numpy", "$import torch"],
@@ -169,7 +177,7 @@ def metadata(run: Any, summary: dict[str, Any] | None) -> dict[str, Any]:
         "label_classes": json.dumps(_labels_def(run)),
         "pred_classes": json.dumps(_labels_def(run)),
         "eval_metrics": _metrics(summary),
-        "voco": {"preprocess": pre, "inference": run.meta.get("inference"), "training": run.meta.get("training")},
+        "voco": {"preprocess": pre, "training": run.meta.get("training")},
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
                                  "spatial_shape": roi, "dtype": "float32", "value_range": [0, 1],
@@ -200,7 +208,7 @@ def _metrics(summary: dict[str, Any] | None) -> dict[str, Any]:
     return {f"mean_{k}_{space}": v for k, v in mean.items() if isinstance(v, int | float)}
 
 
-def model_card(run: Any, summary: dict[str, Any] | None, fmt: str) -> str:
+def model_card(run: Any, summary: dict[str, Any] | None, fmt: str, inf: dict[str, Any]) -> str:
     """A Markdown model card: data, method, metrics from the run's evaluation, use."""
     rec, pre = run.record, run.preprocess
     arch = rec["arch"]
@@ -230,7 +238,7 @@ def model_card(run: Any, summary: dict[str, Any] | None, fmt: str) -> str:
         f"- Network: `{spec['_target_']}` ({', '.join(f'{k}={v}' for k, v in spec.items() if k != '_target_')}).",
         f"- Initialisation: `{rec['init']}` (source: `{rec.get('init_source')}`); fine-tuning `{rec['method']}`, "
         f"{rec.get('steps')} steps, ROI {run.roi}, seed {rec.get('seed')}.",
-        f"- Inference: sliding window {run.roi}, overlap {(run.meta.get('inference') or {}).get('overlap')}, "
+        f"- Inference: sliding window {run.roi}, overlap {inf['overlap']}, {inf['blend']} blending, "
         "class probabilities resampled to the scan's grid, then argmax.",
         "",
         "## Metrics",
@@ -272,8 +280,11 @@ def _fmt(v: Any) -> str:
 
 
 def export(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str],
-           results_root: str | os.PathLike[str] | None = None) -> Path:
-    """Export a fine-tuned run as a MONAI bundle or a Hugging Face-style folder; returns ``out``."""
+           results_root: str | os.PathLike[str] | None = None, evaluate: dict[str, Any] | None = None) -> Path:
+    """Export a fine-tuned run as a MONAI bundle or a Hugging Face-style folder; returns ``out``.
+
+    ``evaluate``: the config's ``evaluate`` section (sliding-window overlap, windows per pass, blending).
+    """
     import torch
 
     from voco.io import atomic_path, write_json
@@ -283,6 +294,7 @@ def export(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     run = load_run(run_dir)
     summary = find_summary(run.path, results_root)
+    inf = inference_settings(run, evaluate)
     out = Path(out)
     state = {k: v.detach().cpu().contiguous() for k, v in run.net.state_dict().items()}
     if fmt == "monai-bundle":
@@ -294,12 +306,12 @@ def export(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str
             (out / sub).mkdir(parents=True, exist_ok=True)
         (out / "scripts" / "__init__.py").write_text("")
         shutil.copyfile(bundle_transforms.__file__, out / "scripts" / "voco_transforms.py")
-        write_json(out / "configs" / "inference.json", inference_config(run))
+        write_json(out / "configs" / "inference.json", inference_config(run, inf))
         write_json(out / "configs" / "metadata.json", metadata(run, summary))
         with atomic_path(out / "models" / "model.pt") as tmp:
             torch.save(state, tmp)
         with atomic_path(out / "docs" / "README.md") as tmp:
-            tmp.write_text(model_card(run, summary, fmt))
+            tmp.write_text(model_card(run, summary, fmt, inf))
     else:
         from safetensors.torch import save_file
 
@@ -310,7 +322,7 @@ def export(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str
             "architecture": run.meta.get("architecture"),
             "labels": {str(k): v for k, v in sorted(run.labels.items())},
             "preprocess": run.preprocess,
-            "inference": {**(run.meta.get("inference") or {}), "roi": run.roi},
+            "inference": inf,
             "training": run.meta.get("training"),
             "metrics": _metrics(summary),
             **_versions(),
@@ -319,6 +331,6 @@ def export(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str
             save_file(state, str(tmp), metadata={"format": "pt", "voco_format": run.meta.get("format", "")})
         write_json(out / "config.json", config)
         with atomic_path(out / "README.md") as tmp:
-            tmp.write_text(model_card(run, summary, fmt))
+            tmp.write_text(model_card(run, summary, fmt, inf))
     log.info("exported %s as %s -> %s", run.path, fmt, out)
     return out

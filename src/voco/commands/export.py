@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from voco.config import add_config_arguments, config_from_args
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="fine-tuning run folder (run.json + model.pt)")
@@ -18,14 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--results", type=Path, default=None,
                         help="results root with the run's evaluation (default: paths.results of the config)")
-    parser.add_argument("--config", type=Path, default=None, help="config file (default config/config.yaml)")
-    parser.add_argument("--override", type=Path, action="append", default=[], help="override file (repeatable)")
+    add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from voco.config import load_config
     from voco.export import export
 
-    cfg = load_config(args.config, args.override)
-    export(args.run, args.format, args.out, args.results or cfg["paths"]["results"])
+    cfg = config_from_args(args)
+    export(args.run, args.format, args.out, args.results or cfg["paths"]["results"], dict(cfg["evaluate"]))
     return 0

@@ -15,6 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from voco.config import add_config_arguments, config_from_args
+
 log = logging.getLogger(__name__)
 
 
@@ -30,15 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when visible) | cpu | cuda | cuda:N")
     parser.add_argument("--no-amp", action="store_true", help="full precision on CUDA (default: bf16 / fp16 autocast)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any scan failed")
-    parser.add_argument("--config", type=Path, default=None, help="config file (default config/config.yaml)")
-    parser.add_argument("--override", type=Path, action="append", default=[], help="override file (repeatable)")
+    add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from voco.config import load_config
     from voco.eval.predict import predict, summarise
 
-    cfg = load_config(args.config, args.override)
+    cfg = config_from_args(args)
     ecfg = cfg.get("evaluate", {})
     overlap = args.overlap if args.overlap is not None else ecfg.get("overlap")
     report = predict(args.run, args.input, args.out, overlap=overlap,

@@ -502,9 +502,8 @@ def finetune(
     bare = model.student if isinstance(model, MedContextNet) else model
     preprocess = preprocess_record(first.meta)
     labels = {str(k): v for k, v in (card.get("labels") or {}).items()}
-    ecfg = cfg.get("evaluate", {}) or {}
-    inference = {"roi": list(params["roi"]), "overlap": float(ecfg.get("overlap", 0.75)),
-                 "sw_batch_size": int(ecfg.get("sw_batch_size", 4)), "blend": str(ecfg.get("blend", "gaussian"))}
+    # the sliding-window overlap / blending are evaluation settings (voco predict takes them from its config)
+    inference = {"roi": list(params["roi"])}
     meta = model_meta(arch, "finetune", labels, preprocess, inference if task == "segmentation" else {},
                       {"dataset": card["id"], "init": init, "init_source": str(ckpt) if ckpt else None,
                        "method": method, "steps": int(params["steps"]), "seed": int(seed),
