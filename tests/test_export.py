@@ -95,6 +95,7 @@ def test_monai_bundle_loads_and_runs_with_monais_bundle_api(swin_run, tmp_path):
     run(run_id="run", config_file=str(bundle / "configs/inference.json"),
         meta_file=str(bundle / "configs/metadata.json"), bundle_root=str(bundle), dataset_dir=str(swin_run["scans"]),
         output_dir=str(out))
+    assert torch.is_grad_enabled()  # the bundle leaves no global state behind in the caller's process
     mask_b = nib.load(out / "new_patient_seg.nii.gz")
     mask_v = nib.load(swin_run["mask"])
     scan = nib.load(swin_run["scans"] / "new_patient.nii.gz")

@@ -134,9 +134,9 @@ def inference_config(run: Any, inf: dict[str, Any]) -> dict[str, Any]:
              "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False, "print_log": False},
         ]},
         "checkpoint": "$@bundle_root + '/models/model.pt'",
-        "predict": "$lambda d: @postprocessing(dict(d, pred=@inferer(d['image'][None].to(@device), @network)[0]))",
+        "predict": "$torch.no_grad()(lambda d: @postprocessing(dict(d, pred=@inferer(d['image'][None].to(@device), "
+                   "@network)[0])))",
         "initialize": [
-            "$torch.set_grad_enabled(False)",
             "$@network.load_state_dict(torch.load(@checkpoint, map_location=@device, weights_only=True))",
             "$@network.eval()",
         ],
