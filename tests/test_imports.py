@@ -74,3 +74,20 @@ def test_run_loading_does_not_import_training():
     graph = _graph()
     for user in ("voco.runs", "voco.eval.evaluate", "voco.eval.predict"):
         assert not any(t.startswith("voco.train") for t in graph[user]), (user, graph[user])
+
+
+def test_progress_lines_in_logs_and_bar_on_a_tty(caplog, capsys):
+    """evaluate / convert / predict loops: periodic log lines without a terminal, a tqdm bar with one."""
+    import logging
+
+    from voco.progressbar import track
+
+    log = logging.getLogger("voco.test.progress")
+    with caplog.at_level(logging.INFO, logger="voco.test.progress"):
+        assert list(track(range(5), "evaluate demo", logger=log, every_s=3600, tty=False)) == [0, 1, 2, 3, 4]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("evaluate demo: 1/5 cases (20%)") and lines[-1].startswith("evaluate demo: 5/5 cases")
+    assert len(lines) == 2  # first and last only, within every_s
+    assert list(track(["a", "b"], "convert demo", unit="series", tty=True)) == ["a", "b"]
+    err = capsys.readouterr().err
+    assert "convert demo" in err and "2/2" in err

@@ -336,7 +336,7 @@ def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
 
         save_backbone(net.ssl, out / "backbone.pt", backbone_meta(
             model_settings(cfg), len(classes), [*args.prep, *labelled_dirs], dict(enumerate(classes)),
-            {"stage": name, "method": method, "steps": result.step}))
+            {"stage": name, "method": method, "steps": result.step, "roi": list(roi), "ssl_crop": int(ssl["roi"])}))
         from voco.train.progress import read_metrics
 
         recs = read_metrics(out / "metrics.jsonl")

@@ -88,7 +88,8 @@ def run_suprem(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
         # the output layer holds one sigmoid per VoComni class except background (channel k = classes[k + 1])
         save_model(out / "backbone.pt", model.state_dict(), backbone_meta(
             {"name": name, "size": size, "feature_size": feature_size}, len(classes) - 1, list(args.prep or []),
-            dict(enumerate(classes[1:])), {"stage": "suprem", "method": "suprem", "steps": result.step}))
+            dict(enumerate(classes[1:])), {"stage": "suprem", "method": "suprem", "steps": result.step,
+                                                  "roi": list(roi)}))
         recs = read_metrics(out / "metrics.jsonl")
         tail = recs[-max(1, len(recs) // 10):]
         write_json(out / "summary.json", {

@@ -339,7 +339,8 @@ def run_ssl(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
         from voco.models.record import backbone_meta
 
         save_backbone(student, out / "backbone.pt", backbone_meta(
-            cfg.get("model", {}), 2, args.prep, training={"stage": "ssl", "method": method, "steps": result.step}))
+            cfg.get("model", {}), 2, args.prep, training={"stage": "ssl", "method": method, "steps": result.step,
+                                                     "crop": int(ssl["roi"]), "grid": int(ssl["grid"])}))
         write_json(out / "summary.json", summarize(out, method, cfg, ssl, batch_size, volumes, result.wall_s))
     dist.barrier()
     return 0
