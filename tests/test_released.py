@@ -111,6 +111,7 @@ def test_init_ids_and_checkpoints_in_the_plan():
     assert plan.init_checkpoint(cfg, "stage2") == ["runs/pretrain/default/stage2/backbone.pt"]
     assert plan.init_checkpoint(cfg, "VoCo_B_SSL_head") == ["data/weights/VoCo_B_SSL_head.pt"]
     assert plan.init_checkpoint(cfg, "file-VoComni_B") == ["/w/VoComni_B.pt"]
+    assert plan.init_checkpoint(cfg, "file:/w/VoComni_B.pt") == ["/w/VoComni_B.pt"]  # the entry itself (voco check)
     import re
 
     w = plan.init_wildcard(cfg)

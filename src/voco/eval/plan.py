@@ -65,8 +65,10 @@ def init_checkpoint(cfg: Mapping, init: str) -> list[str]:
 
     Our stages: ``<runs>/pretrain/<pretrain_run>/<init>/backbone.pt``, the clean backbone export every pre-training
     rule writes (``final.pt`` holds the whole training state, e.g. the omni stages wrap the backbone in their SSL /
-    segmentation modules). Released checkpoints by name: ``<data>/weights/<file>``; ``file:<path>`` entries: the path.
+    segmentation modules). Released checkpoints by name: ``<data>/weights/<file>``; ``file:<path>`` entries (or their
+    ids ``file-<stem>``): the path.
     """
+    init = _inits.init_id(init)  # a finetune.inits entry (file:<path>) or its id
     if init == "scratch":
         return []
     if init not in _inits.OURS:
