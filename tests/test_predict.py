@@ -133,3 +133,14 @@ def test_missing_or_empty_input_is_a_clear_error(tmp_path):
     (tmp_path / "notes" / "readme.md").write_text("no images here")
     with pytest.raises(DataError, match="no NIfTI file"):
         find_scans(tmp_path / "notes")
+
+
+def test_input_kinds_are_found(totalseg_ref, tmp_path):
+    """One series folder is one scan; a folder of NIfTI files and series sub-folders lists each; same names kept apart."""
+    series = find_scans(totalseg_ref / "example_ct_dicom")
+    assert [(s.name, s.kind) for s in series] == [("example_ct_dicom", "dicom")]
+    one = find_scans(totalseg_ref / "example_ct.nii.gz")
+    assert [(s.name, s.kind) for s in one] == [("example_ct", "nifti")]
+    (tmp_path / "a.nii").write_bytes(b"")
+    (tmp_path / "a.nii.gz").write_bytes(b"")
+    assert [s.name for s in find_scans(tmp_path)] == ["a", "a_1"]

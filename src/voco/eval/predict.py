@@ -67,12 +67,12 @@ def find_scans(inp: str | os.PathLike[str]) -> list[Scan]:
     if inp.is_file():
         name = _nifti_name(inp)
         return [Scan(name, "nifti", inp)] if name else [Scan(inp.parent.name, "dicom", inp.parent)]
+    from voco.data.dicom import _is_dicom_candidate
+
     files = sorted(p for p in inp.iterdir() if p.is_file() and not p.name.startswith("."))
     scans = [Scan(n, "nifti", p) for p in files if (n := _nifti_name(p))]
-    if not scans and any(_nifti_name(p) is None for p in files) and _has_dicom_files(inp) and not any(
-        d.is_dir() for d in inp.iterdir()
-    ):
-        return [Scan(inp.name, "dicom", inp)]
+    if not scans and any(_is_dicom_candidate(p) for p in files):
+        return [Scan(inp.name, "dicom", inp)]  # IN is one series folder (its files, and any sub-folders, are read)
     for d in sorted(p for p in inp.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if _has_dicom_files(d):
             scans.append(Scan(d.name, "dicom", d))
