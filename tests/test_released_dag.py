@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,17 @@ def test_dag_with_a_released_format_init_completes(tmp_path):
     assert mask.shape == src.shape
     np.testing.assert_array_equal(mask.affine, src.affine)
     assert (wd / "logs/predict/mine" / f"{run}.log").is_file()
+
+
+def test_predict_target_plans_the_run_it_needs(tmp_path):
+    """`rule predict` pulls in the fine-tuning run (and its init's pre-training) of the target it is asked for."""
+    (tmp_path / "data/predict/mine").mkdir(parents=True)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow/Snakefile"), "-n", "--quiet",
+                        "rules", "--directory", str(tmp_path), "--",
+                        "results/predict/mine/phantom_organs/stage2/plain/nall-s0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.M))
+    assert counts.get("predict") == "1" and counts.get("finetune") == "1" and counts.get("pretrain_stage2") == "1"
