@@ -604,6 +604,11 @@ def load_card(dataset_id: str, cards_dir: str | os.PathLike[str] | None = None) 
 
     Every key is checked: the schema, and the ``finetune`` section against the config's ``finetune`` keys (so a
     misspelt key fails here, naming the card, not inside a fine-tuning job)."""
+    from voco.ids import id_problem
+
+    problem = id_problem(dataset_id)
+    if problem is not None:  # a dataset id names files: never let it be a path
+        raise ConfigError(f"dataset id {str(dataset_id)[:80]!r} {problem}: use the card's id (letters, digits, '_')")
     cards = cards_folder(cards_dir)
     path = cards / f"{dataset_id}.yaml"
     if not path.is_file():

@@ -29,3 +29,7 @@ class DownloadError(VocoError):
 
 class CheckpointError(VocoError):
     """A checkpoint cannot be read or does not fit the model."""
+
+
+class UnsafePathError(DataError):
+    """An identifier or path would name something outside the folder the job was given (``..``, ``/``, NUL ...)."""
