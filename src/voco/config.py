@@ -467,7 +467,9 @@ RULE_SECTIONS: dict[str, tuple[str, ...]] = {
     "link": ("download", "paths", "cards_dir"),
     "convert": ("cards_dir",),
     "preprocess": ("preprocess", "cards_dir"),
-    "audit_leakage": ("cards_dir",),
+    "leakage_index": (),
+    "audit_leakage_dataset": ("audit", "cards_dir"),
+    "audit_leakage": (),
     "vocomni": ("vocomni", "preprocess", "model", "paths", "cards_dir"),
     "pretrain_ssl": ("pretrain", "model"),
     "pretrain_stage1": ("pretrain", "model", "preprocess", "vocomni", "paths", "cards_dir"),
@@ -493,6 +495,7 @@ RULE_CARD_KEYS: dict[str, tuple[str, ...]] = {
     "pseudolabel": ("region", "role"),
     "pseudolabel_merge": ("region", "role"),
     "finetune": ("task", "labels", "modality", "split", "finetune", "region"),
+    "audit_leakage_dataset": ("task", "labels", "split"),
     "evaluate": ("task", "labels", "split"),
     "evaluate_dataset": ("task", "labels"),
 }
