@@ -903,4 +903,27 @@ def test_cli_http_download(server, tmp_path, monkeypatch):
     load_card("demo", tmp_path / "cards")  # the card is valid
     out = tmp_path / "raw" / "demo"
     assert voco_main(["download", "--dataset", "demo", "--out", str(out), "--override", str(ov)]) == 0
-    assert (out / "dataset.json").exists() and (out / "SOURCE.json").exists()
+    assert (out / "dataset.json").read_bytes() == b"{}"
+    src = json.loads((out / "SOURCE.json").read_text())
+    assert src["files"][0]["sha256"] == sha(archive) and src["files"][0]["verified"] == ["sha256"]
+    assert src["extracted"] == ["Task09_Demo.tar.gz"] and sorted(p.name for p in out.iterdir()) == [
+        "SOURCE.json", "dataset.json"]
+
+
+def test_cli_hub_card_list_unpinned_flag_and_endpoint(hub_server, tmp_path, capsys):
+    commit = hub_server.add("o/r", {"imagesTr/a.nii.gz": b"a" * 100, "README.md": b"r"}, lfs={"imagesTr/a.nii.gz"})
+    card = {"id": "demo_hub", "region": "abdomen", "source": {"kind": "huggingface", "repo": "o/r",
+                                                              "revision": "main", "include": ["imagesTr/"]}}
+    ov = _cli_env(tmp_path, card)
+    out = tmp_path / "raw" / "demo_hub"
+    base = ["download", "--dataset", "demo_hub", "--out", str(out), "--override", str(ov), "--hf-base",
+            hub_server.base]
+    assert voco_main(base) == 2  # an unpinned card is refused, saying how to proceed
+    assert "--allow-unpinned" in capsys.readouterr().err and not out.exists()
+    assert voco_main([*base, "--list", "--allow-unpinned"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed == [{"name": "imagesTr/a.nii.gz", "size": 100, "checks": ["sha256"],
+                       "url": f"{hub_server.base}/datasets/o/r/resolve/{commit}/imagesTr/a.nii.gz"}]
+    assert voco_main([*base, "--allow-unpinned"]) == 0
+    assert (out / "imagesTr" / "a.nii.gz").read_bytes() == b"a" * 100 and not (out / "README.md").exists()
+    assert json.loads((out / "SOURCE.json").read_text())["revision"] == commit
