@@ -100,3 +100,15 @@ def voco_check(log=None):
     print(format_report(VOCO_CFG, found), file=sys.stderr)
     if not found.ok:
         raise WorkflowError(f"voco check: the plan has {len(found.errors)} error(s) (listed above); nothing was run")
+
+
+AUDIT_ENFORCE = bool(config.get("audit", {}).get("enforce", True))
+
+
+def leakage_gate(wildcards):
+    """The leakage verdict a fine-tuning job waits for (audit.enforce): its dataset's audit, for every init that comes
+    from pre-training. Such an init already depends on the pre-training corpus (through its checkpoint), so the gate
+    adds no upstream work; a `scratch` run never saw the corpus and is not gated."""
+    if not AUDIT_ENFORCE or wildcards.init == "scratch" or not PRETRAIN:
+        return []
+    return f"{RESULTS}/leakage/{wildcards.dataset}.json"

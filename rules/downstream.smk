@@ -25,6 +25,7 @@ rule finetune:
     input:
         manifest=lambda wc: prep_manifest(wc.dataset),
         init=lambda wc: downstream_plan.init_checkpoint(config, wc.init),
+        leakage=leakage_gate,  # audit.enforce: no fine-tuning from a pre-trained init before its dataset is cleared
     output:
         model=f"{RUNS}/finetune/{{dataset}}/{{init}}/{{method}}/n{{n}}-s{{seed}}/model.pt",
         run=f"{RUNS}/finetune/{{dataset}}/{{init}}/{{method}}/n{{n}}-s{{seed}}/run.json",

@@ -65,20 +65,16 @@ rule link:
         "voco download --config {params.config} --dataset {wildcards.dataset} --out {params.out} > {log} 2>&1"
 
 
-rule audit_leakage:
-    """Pre-training corpus vs every downstream evaluation split, by content hash (JSON + Markdown report)."""
+rule leakage_index:
+    """Fingerprints of the whole pre-training corpus, computed once (every per-dataset audit reads them)."""
     input:
         pretrain=[prep_manifest(d) for d in PRETRAIN],
-        downstream=[prep_manifest(d) for d in DOWNSTREAM],
     output:
-        report=f"{RESULTS}/leakage/report.json",
-        table=f"{RESULTS}/leakage/report.md",
+        f"{RESULTS}/leakage/pretrain_index.parquet",
     log:
-        f"{LOGS}/audit_leakage/audit_leakage.log",
+        f"{LOGS}/leakage_index/leakage_index.log",
     benchmark:
-        f"{LOGS}/benchmarks/audit_leakage/audit_leakage.tsv"
-    # Scheduled before any fine-tuning job (highest priority once the manifests exist), without being a hard input
-    # of fine-tuning: `dvc repro evaluate@<dataset>` must not rebuild the whole pre-training corpus. The report waits.
+        f"{LOGS}/benchmarks/leakage_index/leakage_index.tsv"
     priority: 100
     threads: 2
     resources:
@@ -90,9 +86,67 @@ rule audit_leakage:
     container:
         CONTAINER
     shell:
-        "voco audit-leakage --pretrain {input.pretrain} --downstream {input.downstream}"
-        " --out {output.report} --workers {threads} > {log} 2>&1"
+        "voco audit-leakage --pretrain {input.pretrain} --index-out {output} --workers {threads} > {log} 2>&1"
 
 
-if PRETRAIN and DOWNSTREAM:
+rule audit_leakage_dataset:
+    """One downstream dataset's evaluation cases (test split, or the validation carve-out of training) vs the corpus.
+    With audit.enforce an overlap fails this job, and with it every fine-tuning of the dataset from a pre-trained
+    init (scheduled first: priority)."""
+    input:
+        index=f"{RESULTS}/leakage/pretrain_index.parquet",
+        downstream=lambda wc: prep_manifest(wc.dataset),
+    output:
+        report=f"{RESULTS}/leakage/{{dataset}}.json",
+        table=f"{RESULTS}/leakage/{{dataset}}.md",
+    wildcard_constraints:
+        dataset="|".join(DOWNSTREAM) or NO_MATCH,
+    log:
+        f"{LOGS}/audit_leakage/{{dataset}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/audit_leakage/{{dataset}}.tsv"
+    params:
+        config=cfg_for("audit_leakage_dataset"),
+        fail="--fail-on-overlap" if AUDIT_ENFORCE else "",
+    priority: 100
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 2000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    container:
+        CONTAINER
+    shell:
+        "voco audit-leakage --config {params.config} --index {input.index} --downstream {input.downstream}"
+        " --out {output.report} {params.fail} > {log} 2>&1"
+
+
+rule audit_leakage:
+    """The leakage report over every downstream dataset (JSON + Markdown), merged from the per-dataset audits."""
+    input:
+        [f"{RESULTS}/leakage/{d}.json" for d in DOWNSTREAM],
+    output:
+        report=f"{RESULTS}/leakage/report.json",
+        table=f"{RESULTS}/leakage/report.md",
+    log:
+        f"{LOGS}/audit_leakage/audit_leakage.log",
+    benchmark:
+        f"{LOGS}/benchmarks/audit_leakage/audit_leakage.tsv"
+    priority: 100
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 10 * attempt,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    container:
+        CONTAINER
+    shell:
+        "voco audit-leakage --merge {input} --out {output.report} > {log} 2>&1"
+
+
+if DOWNSTREAM:
     ALL_TARGETS.append(f"{RESULTS}/leakage/report.json")

@@ -227,3 +227,91 @@ def test_nothing_convertible_exits_2_with_the_reason(tmp_path, capsys):
     assert rc == 2 and "no DICOM image slices" in capsys.readouterr().err
     assert not (tmp_path / "o" / "dataset.json").exists()
     assert json.loads((tmp_path / "o" / "convert_report.json").read_text())["failed"][0]["case"] == "case0"
+
+
+# ------------------------------------------------------------------------------- one series, one verdict; safe ids
+def _series(raw: Path, case: str, seed: int = 0) -> None:
+    from voco.data import dicom
+
+    rng = np.random.default_rng(seed)
+    vol = rng.integers(-200, 300, size=(12, 10, 6)).astype(np.int16)
+    dicom.write_series(vol, np.diag([0.8, 0.8, 2.0, 1.0]), raw / "dicom" / case, case_id=case, seed=seed)
+
+
+def _strip(path: Path, *tags: str) -> None:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    for t in tags:
+        delattr(ds, t)
+    ds.save_as(path)
+
+
+def _dicom_card(tmp_path: Path, cid: str = "tiny_dcm") -> Path:
+    card = {"id": cid, "region": "chest", "format": "dicom", "source": {"kind": "local"}}
+    return _override(tmp_path, {cid: {"card": card}})
+
+
+def test_dicom_slice_without_spacing_or_rows_rejects_that_series_only(tmp_path):
+    raw = tmp_path / "raw"
+    for i, case in enumerate(("ok_a", "no_spacing", "no_rows", "ok_b")):
+        _series(raw, case, seed=i)
+    _strip(sorted((raw / "dicom" / "no_spacing").iterdir())[2], "PixelSpacing")
+    _strip(sorted((raw / "dicom" / "no_rows").iterdir())[0], "Rows")
+    out = tmp_path / "nifti"
+    args = ["convert", "--input", str(raw), "--dataset", "tiny_dcm", "--out", str(out), "--override",
+            str(_dicom_card(tmp_path))]
+    assert main(args) == 0
+    report = json.loads((out / "convert_report.json").read_text())
+    failed = {f["case"]: f["reason"] for f in report["failed"]}
+    assert set(failed) == {"no_spacing", "no_rows"} and report["n_ok"] == 2
+    assert failed["no_spacing"].startswith("DicomError: ") and "no PixelSpacing" in failed["no_spacing"]
+    assert "no Rows" in failed["no_rows"] and str(raw / "dicom" / "no_rows") in failed["no_rows"]
+    doc = json.loads((out / "dataset.json").read_text())
+    assert [Path(e["image"]).name for e in doc["training"]] == ["ok_a.nii.gz", "ok_b.nii.gz"]
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["ok_a.nii.gz", "ok_b.nii.gz"]
+    # the failures travel on as rejected rows of the manifest (no case disappears without a verdict)
+    assert {r["case"] for r in doc["voco_rejected"]} == {"no_spacing", "no_rows"}
+    ov = tmp_path / "prep.yaml"
+    ov.write_text(yaml.safe_dump({"cards_dir": str(tmp_path / "cards"), "preprocess": {"roi": [8, 8, 8]}}))
+    prep = tmp_path / "prep"
+    assert main(["preprocess", "--dataset-json", str(out / "dataset.json"), "--out", str(prep), "--override",
+                 str(ov)]) == 0
+    import pandas as pd
+
+    mf = pd.read_parquet(prep / "manifest.parquet").set_index("case_id")
+    assert list(mf.loc[["ok_a", "ok_b"], "status"]) == ["ok", "ok"]
+    assert mf.loc["no_rows", "status"] == "rejected" and "no Rows" in mf.loc["no_rows", "reason"]
+
+
+def test_hostile_case_ids_in_convert_never_write_outside_the_output(tmp_path):
+    raw = tmp_path / "raw"
+    _series(raw, "c0")
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    (sentinel / "keep.txt").write_text("must survive")
+    hostile = ["../../sentinel/evil", "../../../x", str(sentinel / "abs"), "a\x00b", "y" * 300, "a/b", ".hidden"]
+    entries = [{"image": "dicom/c0", "case_id": "c0"}] + [{"image": "dicom/c0", "case_id": h} for h in hostile]
+    (raw / "dataset.json").write_text(json.dumps({"labels": {"0": "background"}, "training": entries}))
+    out = tmp_path / "out" / "nifti"
+    args = ["convert", "--input", str(raw), "--dataset", "tiny_dcm", "--out", str(out), "--override",
+            str(_dicom_card(tmp_path))]
+    assert main(args) == 0
+    report = json.loads((out / "convert_report.json").read_text())
+    assert [f["case"] for f in report["failed"]] == hostile
+    assert all(f["reason"].startswith("UnsafePathError: ") for f in report["failed"])
+    assert sorted(p.name for p in sentinel.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cards", "out", "override.yaml", "raw", "sentinel"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["nifti"]
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["c0.nii.gz"]
+    # MSD layout: a hostile case_id is refused too (it would become a store path later)
+    msd = tmp_path / "msd"
+    _save(np.zeros((8, 8, 8), np.int16), msd / "imagesTr" / "a.nii.gz")
+    (msd / "dataset.json").write_text(json.dumps({"labels": {"0": "background"}, "training": [
+        {"image": "imagesTr/a.nii.gz"}, {"image": "imagesTr/a.nii.gz", "case_id": "../.."}]}))
+    card = {"id": "tiny_msd", "region": "abdomen", "source": {"kind": "local"}}
+    ov = _override(tmp_path, {"tiny_msd": {"card": card}})
+    assert main(["convert", "--input", str(msd), "--format", "msd", "--dataset", "tiny_msd", "--out",
+                 str(tmp_path / "msd_out"), "--override", str(ov)]) == 0
+    failed = json.loads((tmp_path / "msd_out" / "convert_report.json").read_text())["failed"]
+    assert [f["case"] for f in failed] == ["training[1]"] and "'../..'" in failed[0]["reason"]

@@ -133,3 +133,20 @@ def test_phantom_series_round_trip_keeps_hu_and_world_geometry(tmp_path):
     assert np.array_equal(native.array, case.image) and np.allclose(native.affine, case.affine, atol=1e-3)
     hdr = pydicom.dcmread(files[0], stop_before_pixels=True)
     assert hdr.Modality == "CT" and float(hdr.RescaleIntercept) == -1024 and len(hdr.PixelSpacing) == 2
+
+
+@pytest.mark.parametrize("tag", ["PixelSpacing", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient"])
+def test_a_slice_missing_a_geometry_tag_is_a_dicom_error_naming_slice_and_tag(tmp_path, tag):
+    """Issue 14: a slice without PixelSpacing or Rows raised AttributeError (and stopped all of convert)."""
+    vol = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
+    dicom.write_series(vol, np.diag([0.7, 0.7, 2.0, 1.0]), tmp_path / "s", case_id="s")
+    victim = sorted((tmp_path / "s").iterdir())[1]
+    ds = pydicom.dcmread(victim)
+    delattr(ds, tag)
+    ds.save_as(victim)
+    if tag in ("ImagePositionPatient", "ImageOrientationPatient"):  # such a file is not an image slice: skipped,
+        with pytest.raises(DicomError, match="1 missing slice"):  # ... which leaves a gap in the stack, named
+            dicom.read_series(tmp_path / "s")
+        return
+    with pytest.raises(DicomError, match=f"{victim.name}: slice has no {tag}"):
+        dicom.read_series(tmp_path / "s")

@@ -108,7 +108,9 @@ def test_audit_finds_byte_and_reencoded_copies(corpus):
     rep = audit([pre], [down])
     found = {(o["downstream_case"], o["pretrain_case"]): o["match"] for o in rep["overlaps"]}
     assert found == {("x0", "a0"): ["file", "voxels"], ("x1", "a1"): ["voxels"]}
-    assert rep["by_dataset"]["X"] == {"checked": 3, "overlapping": 2, "pretrain_datasets": ["A"]}
+    assert rep["by_dataset"]["X"] == {"checked": 3, "overlapping": 2, "pretrain_datasets": ["A"],
+                                      "splits": {"test": 3}}
+    assert rep["notes"] == ["X: no dataset card given: audited its test split only (not a validation carve-out)"]
     assert rep["unreadable"] == []
     # the training split is audited on request
     rep = audit([pre], [down], splits=["test", "train"])
@@ -166,3 +168,125 @@ def test_manifest_without_source_column(tmp_path):
     pd.DataFrame([{"case_id": "a", "image": "a/image.npy"}]).to_parquet(p)
     with pytest.raises(DataError, match="source"):
         read_manifest(p)
+
+
+# ------------------------------------------------------------------ every split evaluation uses; the DAG gate
+def _store_manifest(path: Path, dataset: str, sources: dict[str, Path], split: str = "train") -> Path:
+    """A store-compatible manifest (what voco preprocess writes) of labelled cases with the given source files."""
+    from voco.data.store import write_manifest
+
+    rows = [{"case_id": cid, "dataset": dataset, "region": "abdomen", "status": "ok", "reason": "", "split": split,
+             "labelled": True, "class": -1, "image": f"cases/{cid}/image.npy", "label": f"cases/{cid}/label.npy",
+             "label_full": "", "meta": f"cases/{cid}/meta.json", "key": cid, "index": i, "source": str(src)}
+            for i, (cid, src) in enumerate(sources.items())]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(rows, path)
+    return path
+
+
+def test_audit_checks_the_validation_carve_out_that_evaluation_scores(tmp_path):
+    """BTCV-like: no labelled test split, so evaluation scores a validation part of training
+    (voco.train.finetune.split_cases). A copy of a validation case in the corpus is found; a copy of a case that is
+    only trained on is not an evaluation leak."""
+    from voco.data.store import Store
+    from voco.train.finetune import split_cases
+
+    raw = tmp_path / "raw"
+    xs = {f"x{i}": _save(_vol(100 + i), raw / "X" / f"x{i}.nii.gz") for i in range(10)}
+    down = _store_manifest(tmp_path / "prep" / "X" / "manifest.parquet", "X", xs)
+    card = {"id": "X", "task": "segmentation", "split": {"val_fraction": 0.2, "seed": 3}}
+    splits = split_cases(Store(down.parent), card)
+    assert splits.test == [] and len(splits.val) == 2
+    val0, train0 = splits.val[0], splits.train[0]
+    a = raw / "A"
+    a.mkdir(parents=True)
+    (a / "copy_of_val.nii.gz").write_bytes(xs[val0].read_bytes())
+    (a / "copy_of_train.nii.gz").write_bytes(xs[train0].read_bytes())
+    pre = _manifest(tmp_path / "prep" / "A" / "manifest.parquet", [
+        {"case_id": "a_val", "dataset": "A", "split": "train", "source": str(a / "copy_of_val.nii.gz")},
+        {"case_id": "a_train", "dataset": "A", "split": "train", "source": str(a / "copy_of_train.nii.gz")}])
+    rep = audit([pre], [down], cards={"X": card})
+    assert [(o["downstream_case"], o["split"], o["pretrain_case"]) for o in rep["overlaps"]] == [(val0, "val", "a_val")]
+    assert rep["by_dataset"]["X"]["splits"] == {"val": 2} and rep["notes"] == []
+    # the test split alone (what the audit used to check) sees nothing here
+    assert audit([pre], [down], splits=["test"])["overlaps"] == []
+
+
+def test_index_per_dataset_audit_merge_and_enforce(corpus, tmp_path, caplog):
+    import logging
+
+    pre, down = corpus
+    idx = tmp_path / "leak" / "pretrain_index.parquet"
+    assert voco_main(["audit-leakage", "--pretrain", str(pre), "--index-out", str(idx)]) == 0
+    assert len(pd.read_parquet(idx)) == 3
+    x = tmp_path / "leak" / "X.json"
+    with caplog.at_level(logging.WARNING):
+        rc = voco_main(["audit-leakage", "--index", str(idx), "--downstream", str(down), "--out", str(x),
+                        "--fail-on-overlap"])
+    assert rc == 1  # audit.enforce: the overlap fails the job ...
+    assert "X/x0 (test) = A/a0 by file + voxels" in caplog.text  # ... and the log names every overlapping case
+    one = json.loads(x.read_text())
+    assert one == audit([pre], [down]) | {"pretrain_manifests": [str(pre)]}  # the index gives the same answer
+    rep = tmp_path / "leak" / "report.json"
+    assert voco_main(["audit-leakage", "--merge", str(x), "--out", str(rep)]) == 0
+    merged = json.loads(rep.read_text())
+    assert merged["n_overlapping_cases"] == 2 and merged["by_dataset"] == one["by_dataset"]
+    assert "| X | 3 | 2 | A |" in rep.with_suffix(".md").read_text()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _smk(*args, timeout=900):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_enforced_audit_gates_fine_tuning_from_pretrained_inits_only(tmp_path):
+    import yaml
+
+    base = {"finetune": {"inits": ["scratch", "ssl"], "methods": ["plain"], "seeds": [0]}}
+    for enforce in (True, False):
+        ov = tmp_path / f"e{enforce}.yaml"
+        ov.write_text(yaml.safe_dump({**base, "audit": {"enforce": enforce}}))
+        wd = tmp_path / f"wd{enforce}"
+        wd.mkdir()
+        r = _smk("-n", "--directory", str(wd), "--configfile", str(REPO / "config/config.yaml"), str(ov),
+                 "--printshellcmds", "--", "results/report/report.md")
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-3000:]
+        ssl_jobs = [b for b in out.split("\n\n") if "rule finetune:" in b and "/ssl/" in b]
+        scratch_jobs = [b for b in out.split("\n\n") if "rule finetune:" in b and "/scratch/" in b]
+        assert ssl_jobs and scratch_jobs
+        gated = [("results/leakage/" in b) for b in ssl_jobs]
+        assert all(gated) if enforce else not any(gated), (enforce, ssl_jobs[0])
+        assert not any("results/leakage/" in b for b in scratch_jobs)
+        assert ("--fail-on-overlap" in out) == enforce
+        assert "rule leakage_index:" in out and "rule audit_leakage_dataset:" in out
+
+
+@pytest.mark.slow
+def test_an_overlap_fails_the_dag_before_any_pretraining_or_fine_tuning(tmp_path):
+    """The same phantom dataset as pre-training corpus and downstream task: every evaluation case leaks. With the
+    shipped default (audit.enforce true) the DAG stops at the audit, before pre-training and fine-tuning start."""
+    import yaml
+
+    ov = tmp_path / "leaky.yaml"
+    ov.write_text(yaml.safe_dump({"datasets": {"pretrain": ["phantom_organs"], "downstream": ["phantom_organs"]},
+                                  "finetune": {"inits": ["ssl"], "methods": ["plain"], "seeds": [0]}}))
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    r = _smk("--cores", "1", "--directory", str(wd), "--configfile", str(REPO / "config/config.yaml"), str(ov),
+             "--", "results/phantom_organs/report/report.md")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    assert "Error in rule audit_leakage_dataset" in out, out[-3000:]
+    log = (wd / "logs" / "audit_leakage" / "phantom_organs.log").read_text()
+    assert "audit.enforce is on: 4 evaluation case(s) overlap" in log
+    assert not (wd / "runs").exists()  # no pre-training, no fine-tuning ever started
+    assert not (wd / "results" / "leakage" / "phantom_organs.json").exists()

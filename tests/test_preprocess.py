@@ -313,3 +313,177 @@ def test_card_override_and_multichannel(tmp_path: Path) -> None:
     assert "4-D" in mf.loc["three", "reason"] and "2 channel" in mf.loc["three", "reason"]
     case = Store(tmp_path / "prep").load("mc")
     assert case.image.shape[0] == 2 and case.image.shape[1:] == case.label.shape
+
+
+# --------------------------------------------------------------------------------------- identifiers and verdicts
+HOSTILE_IDS = {
+    "up_two": "../..",
+    "up_one": "..",
+    "traversal": "sub/../../../sentinel",
+    "backslashes": "..\\..\\sentinel",
+    "nul": "a\x00b",
+    "long": "x" * 300,
+    "dot": ".hidden",
+    "separator": "a/b",
+}
+
+
+def _sentinel(parent: Path) -> Path:
+    s = parent / "sentinel"
+    s.mkdir(parents=True)
+    (s / "keep.txt").write_text("must survive")
+    return s
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_hostile_case_ids_never_touch_anything_outside_the_store(tmp_path: Path) -> None:
+    """Issue 14: a dataset.json case_id is data, never a path. The store lives inside the dataset folder (as in the
+    reported incident, where ``"case_id": "../.."`` with a missing image made the rejection rmtree the input folder);
+    every hostile id, with a missing image (rejection path) or a good one (write path), is rejected by name and
+    nothing outside the store changes."""
+    root = tmp_path / "ds"
+    img, lab = _body()
+    good = {"image": _save(root / "imagesTr" / "good.nii.gz", img), "label": _save(root / "labelsTr" / "good.nii.gz", lab)}
+    sentinel = _sentinel(tmp_path)
+    ids = dict(HOSTILE_IDS, absolute=str(sentinel.resolve()), absolute_case=str((tmp_path / "made_here").resolve()))
+    training = [good]
+    for cid in ids.values():
+        training.append({"image": "imagesTr/missing.nii.gz", "case_id": cid})  # rejection path (rmtree)
+        training.append({"image": good["image"], "label": good["label"], "case_id": cid + "_w"})  # write path
+    dj = _write_dataset(root, training)
+    out = root / "prep"  # inside the dataset folder: '../..' from out/cases is the dataset folder itself
+    before_ds = {k: v for k, v in _tree(root).items() if not k.startswith("prep")}
+    before_sentinel = _tree(sentinel)
+    assert _run(dj, out, _override(tmp_path)) == 0
+    mf = pd.read_parquet(out / "manifest.parquet")
+    assert len(mf) == 1 + 2 * len(ids)
+    rows = mf.set_index("index")
+    assert rows.loc[0, "status"] == "ok" and rows.loc[0, "case_id"] == "good"
+    for i, (name, cid) in enumerate(ids.items()):
+        for j, suffix in enumerate(("", "_w")):
+            r = rows.loc[1 + 2 * i + j]
+            assert r["status"] == "rejected", (name, suffix)
+            assert r["reason"].startswith("UnsafePathError: "), (name, r["reason"])
+            assert "dataset.json" in r["reason"] and "case id" in r["reason"], r["reason"]
+            assert r["case_id"] == cid + suffix  # the id is kept as data in the manifest
+    # nothing outside the store changed: the dataset folder, the sentinel next to it, nothing created beside them
+    assert {k: v for k, v in _tree(root).items() if not k.startswith("prep")} == before_ds
+    assert _tree(sentinel) == before_sentinel
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ov.yaml", "sentinel"]
+    assert sorted(p.name for p in (out / "cases").iterdir()) == ["good"]
+
+
+def test_store_case_dir_refuses_ids_and_symlinks_that_leave_the_store(tmp_path: Path) -> None:
+    from voco.data.store import case_dir
+    from voco.errors import UnsafePathError
+
+    out = tmp_path / "prep"
+    (out / "cases").mkdir(parents=True)
+    for cid in [*HOSTILE_IDS.values(), str(tmp_path), ""]:
+        with pytest.raises(UnsafePathError):
+            case_dir(out, cid)
+    outside = _sentinel(tmp_path)
+    (out / "cases" / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafePathError, match="outside"):
+        case_dir(out, "link")
+    assert case_dir(out, "case_01.a-b") == out / "cases" / "case_01.a-b"
+
+
+def _rgb(shape=(20, 20, 10)) -> np.ndarray:
+    rgb = np.zeros(shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = 200
+    return rgb
+
+
+def test_rgb_and_complex_nifti_reject_one_case_each_and_the_rest_succeed(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    img, lab = _body()
+    good = {"image": _save(root / "imagesTr" / "good.nii.gz", img), "label": _save(root / "labelsTr" / "good.nii.gz", lab)}
+    rgb = {"image": _save(root / "imagesTr" / "rgb.nii.gz", _rgb())}
+    cplx = img.astype(np.complex64) + 1j * img.astype(np.complex64)
+    complex_case = {"image": _save(root / "imagesTr" / "cplx.nii.gz", cplx)}
+    rgb_label = {"image": _save(root / "imagesTr" / "rgblab.nii.gz", img),
+                 "label": _save(root / "labelsTr" / "rgblab.nii.gz", _rgb(img.shape))}
+    assert nib.load(root / "imagesTr" / "rgb.nii.gz").get_data_dtype().names == ("R", "G", "B")
+    assert nib.load(root / "imagesTr" / "cplx.nii.gz").get_data_dtype().kind == "c"
+    dj = _write_dataset(root, [good, rgb, complex_case, rgb_label])
+    out = tmp_path / "prep"
+    assert _run(dj, out, _override(tmp_path)) == 0
+    rows = pd.read_parquet(out / "manifest.parquet").set_index("case_id")
+    assert rows.loc["good", "status"] == "ok"
+    expect = {"rgb": "structured voxels (R,G,B", "cplx": "complex-valued voxels", "rgblab": "structured voxels"}
+    for cid, needle in expect.items():
+        assert rows.loc[cid, "status"] == "rejected"
+        assert rows.loc[cid, "reason"].startswith("DataError: ") and needle in rows.loc[cid, "reason"]
+        assert f"{cid}.nii.gz" in rows.loc[cid, "reason"]
+    assert sorted(p.name for p in (out / "cases").iterdir()) == ["good"]
+
+
+def test_an_unexpected_exception_rejects_one_case_with_type_and_file(tmp_path: Path, monkeypatch) -> None:
+    """Without the voxel-type check, an RGB file fails deep in numpy with a TypeError (the reported crash): that real
+    exception now rejects its case (type, message, file) and the job goes on with exit status 0."""
+    import voco.data.preprocess as P
+
+    monkeypatch.setattr(P, "check_voxel_type", lambda *a, **k: None)
+    root = tmp_path / "ds"
+    img, lab = _body()
+    good = {"image": _save(root / "imagesTr" / "good.nii.gz", img), "label": _save(root / "labelsTr" / "good.nii.gz", lab)}
+    rgb = {"image": _save(root / "imagesTr" / "rgb.nii.gz", _rgb())}
+    dj = _write_dataset(root, [rgb, good])
+    out = tmp_path / "prep"
+    assert _run(dj, out, _override(tmp_path)) == 0
+    rows = pd.read_parquet(out / "manifest.parquet").set_index("case_id")
+    assert rows.loc["good", "status"] == "ok"
+    reason = rows.loc["rgb", "reason"]
+    assert rows.loc["rgb", "status"] == "rejected"
+    assert reason.split(":")[0] in ("TypeError", "ValueError") and "rgb.nii.gz" in reason, reason
+    assert not (out / "cases" / "rgb").exists()
+
+
+def test_cache_never_restores_split_class_or_index(tmp_path: Path) -> None:
+    """Issue 13 item 7: moving a case from training to test (and changing a class, and the order) in dataset.json is
+    what the next manifest says, while the stored arrays (same content, same parameters) are reused."""
+    root = tmp_path / "ds"
+    entries = []
+    for i in range(3):
+        img, lab = _body(seed=i)
+        entries.append({"image": _save(root / "imagesTr" / f"c{i}.nii.gz", img),
+                        "label": _save(root / "labelsTr" / f"c{i}.nii.gz", lab), "class": 0})
+    dj = _write_dataset(root, entries)
+    out, ov = tmp_path / "prep", _override(tmp_path)
+    assert _run(dj, out, ov, "--strict") == 0
+    first = pd.read_parquet(out / "manifest.parquet").set_index("case_id")
+    assert list(first["split"]) == ["train"] * 3 and list(first["index"]) == [0, 1, 2]
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("image.npy")}
+    moved = dict(entries[1], **{"class": 1})
+    dj = _write_dataset(root, [entries[2], entries[0]], test=[moved])
+    assert _run(dj, out, ov, "--strict") == 0
+    again = pd.read_parquet(out / "manifest.parquet").set_index("case_id")
+    assert again.loc["c1", "split"] == "test" and again.loc["c1", "class"] == 1 and again.loc["c1", "index"] == 2
+    assert again.loc["c2", "index"] == 0 and again.loc["c0", "index"] == 1
+    assert list(again.loc[["c0", "c2"], "split"]) == ["train", "train"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("image.npy")} == mtimes  # arrays reused, not recomputed
+    assert (again["key"] == first["key"].reindex(again.index)).all()
+    from voco.train.finetune import split_cases
+
+    store = Store(out)
+    assert store.ids(split="test") == ["c1"]
+    splits = split_cases(store, {"id": "unit", "task": "segmentation"})
+    assert splits.test == ["c1"] and "c1" not in splits.train  # never trained on
+
+
+def test_cases_the_conversion_failed_are_rejected_rows_of_the_manifest(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    img, lab = _body()
+    good = {"image": _save(root / "imagesTr" / "good.nii.gz", img), "label": _save(root / "labelsTr" / "good.nii.gz", lab)}
+    dj = _write_dataset(root, [good], voco_rejected=[{"case": "broken", "reason": "convert: DicomError: no slices"}])
+    out = tmp_path / "prep"
+    for k in range(2):
+        assert _run(dj, out, _override(tmp_path), "--shard", str(k), "--num-shards", "2") == 0
+    s0 = pd.read_parquet(out / "shard-0" / "manifest.parquet").set_index("case_id")
+    s1 = pd.read_parquet(out / "shard-1" / "manifest.parquet")
+    assert s0.loc["broken", "status"] == "rejected" and s0.loc["broken", "reason"] == "convert: DicomError: no slices"
+    assert "broken" not in set(s1["case_id"])  # once, not once per shard

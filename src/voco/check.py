@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from voco.config import RULE_SECTIONS, Config, load_card, region_params, repo_root
+from voco.data.hub import is_pinned
 from voco.errors import VocoError
 
 log = logging.getLogger(__name__)
@@ -134,9 +135,12 @@ def check_cards(cfg: Config, report: Report) -> dict[str, dict]:
             elif src["kind"] == "http" and not (src.get("sha256") or src.get("md5") or src.get("checksums")):
                 report.add("warning", "card", where, "http source without a checksum",
                            "add source.sha256 (voco download --sha256 HEX verifies a first copy)")
-            elif src["kind"] == "huggingface" and not src.get("revision"):
-                report.add("warning", "card", where, "Hugging Face source without a pinned revision",
-                           "pin source.revision to a commit")
+            elif src["kind"] == "huggingface" and not is_pinned(src.get("revision")) and not local:
+                report.add("warning", "card", where,
+                           f"Hugging Face source.revision {src.get('revision', 'main')!r} is a placeholder, not a "
+                           "pinned commit: voco download refuses it without --allow-unpinned",
+                           "put the 40-hex commit in source.revision (voco download --allow-unpinned resolves one "
+                           "and records it in SOURCE.json)")
             split_file = (card.get("split") or {}).get("file")
             if split_file:
                 data = Path(cfg["paths"]["data"])

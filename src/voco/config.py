@@ -467,7 +467,9 @@ RULE_SECTIONS: dict[str, tuple[str, ...]] = {
     "link": ("download", "paths", "cards_dir"),
     "convert": ("cards_dir",),
     "preprocess": ("preprocess", "cards_dir"),
-    "audit_leakage": ("cards_dir",),
+    "leakage_index": (),
+    "audit_leakage_dataset": ("audit", "cards_dir"),
+    "audit_leakage": (),
     "vocomni": ("vocomni", "preprocess", "model", "paths", "cards_dir"),
     "pretrain_ssl": ("pretrain", "model"),
     "pretrain_stage1": ("pretrain", "model", "preprocess", "vocomni", "paths", "cards_dir"),
@@ -494,6 +496,7 @@ RULE_CARD_KEYS: dict[str, tuple[str, ...]] = {
     "pseudolabel": ("region", "role"),
     "pseudolabel_merge": ("region", "role"),
     "finetune": ("task", "labels", "modality", "split", "finetune", "region"),
+    "audit_leakage_dataset": ("task", "labels", "split"),
     "evaluate": ("task", "labels", "split"),
     "evaluate_dataset": ("task", "labels"),
 }
@@ -605,6 +608,11 @@ def load_card(dataset_id: str, cards_dir: str | os.PathLike[str] | None = None) 
 
     Every key is checked: the schema, and the ``finetune`` section against the config's ``finetune`` keys (so a
     misspelt key fails here, naming the card, not inside a fine-tuning job)."""
+    from voco.ids import id_problem
+
+    problem = id_problem(dataset_id)
+    if problem is not None:  # a dataset id names files: never let it be a path
+        raise ConfigError(f"dataset id {str(dataset_id)[:80]!r} {problem}: use the card's id (letters, digits, '_')")
     cards = cards_folder(cards_dir)
     path = cards / f"{dataset_id}.yaml"
     if not path.is_file():

@@ -75,7 +75,9 @@ def job_counts(cfg: Mapping[str, Any], cards: Mapping[str, Mapping[str, Any]]) -
         c["convert"] += 1
         c["preprocess"] += shards_for(cfg, cards[d])
         c["merge_manifest"] += 1
-    if pretrain and downstream:
+    if downstream:  # the corpus fingerprinted once, one audit per downstream dataset, the merged report
+        c["leakage_index"] += 1
+        c["audit_leakage_dataset"] += len(downstream)
         c["audit_leakage"] += 1
     c["pretrain_ssl"] += 1
     c["vocomni"] += 1

@@ -77,7 +77,8 @@ def build_index(cfg: Mapping[str, Any], cards: Mapping[str, Mapping[str, Any]], 
         "outs": [_persist(f"{data}/prep/${{item}}")]}}
     if pretrain and downstream:
         stages["audit_leakage"] = {
-            "cmd": f"{SNAKEMAKE} --allowed-rules audit_leakage -- {results}/leakage/report.json",
+            "cmd": f"{SNAKEMAKE} --allowed-rules leakage_index audit_leakage_dataset audit_leakage -- "
+                   f"{results}/leakage/report.json",
             "deps": [f"{data}/prep/{d}" for d in everything] + ["src/voco/data/leakage.py"],
             "outs": [_persist(f"{results}/leakage")]}
     if stages_needed:
@@ -91,8 +92,12 @@ def build_index(cfg: Mapping[str, Any], cards: Mapping[str, Mapping[str, Any]], 
             "params": [{p: ["datasets.pretrain", "preprocess", "model", "vocomni", "pretrain"]}],
             "outs": outs}
     pre_dep = [f"{runs}/pretrain/{run}"] if stages_needed else []
+    # With audit.enforce, fine-tuning from a pre-trained init waits for its dataset's leakage verdict
+    # (results/leakage/<dataset>.json): its inputs are this dataset's store and the pre-training corpus, which such an
+    # init depends on anyway, so the stage may (re)make it without depending on the whole audit_leakage stage.
+    gate = " leakage_index audit_leakage_dataset" if cfg["audit"]["enforce"] and stages_needed else ""
     stages["finetune"] = {"foreach": downstream, "do": {
-        "cmd": f"{SNAKEMAKE} --allowed-rules finetune evaluate evaluate_dataset --until finetune -- "
+        "cmd": f"{SNAKEMAKE} --allowed-rules{gate} finetune evaluate evaluate_dataset --until finetune -- "
                f"{results}/${{item}}/report/report.md",
         "deps": [f"{data}/prep/${{item}}", f"{cards_dir}/${{item}}.yaml", *pre_dep, "rules/downstream.smk",
                  "src/voco/train", "src/voco/models"],

@@ -33,3 +33,7 @@ class CheckpointError(VocoError):
 
 class ContainerError(VocoError):
     """The Apptainer definition is invalid, or the container cannot be built here (names the file / the tool)."""
+
+
+class UnsafePathError(DataError):
+    """An identifier or path would name something outside the folder the job was given (``..``, ``/``, NUL ...)."""

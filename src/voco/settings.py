@@ -104,7 +104,13 @@ class Preprocess:
 class Download:
     """voco download: where raw data comes from (mirrors, retries, local copies); tokens come from the environment only"""
 
-    hf_base: str
+    hf_base: str | None
+    token_hosts: list[Any]
+    workers: int
+    allow_unpinned: bool
+    max_extract_bytes: int
+    max_members: int
+    max_ratio: float
     mirrors: dict[str, str]
     retries: int
     backoff_s: float
@@ -116,6 +122,16 @@ class Download:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = 'download') -> Download:
+        return _build(cls, data, where)
+
+@dataclass(frozen=True)
+class Audit:
+    """leakage audit (voco audit-leakage): pre-training corpus vs every case evaluation scores (test split, or the validation carve-out of training)"""
+
+    enforce: bool
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = 'audit') -> Audit:
         return _build(cls, data, where)
 
 @dataclass(frozen=True)
@@ -384,6 +400,7 @@ class Settings:
     synth: Synth
     preprocess: Preprocess
     download: Download
+    audit: Audit
     model: Model
     vocomni: Vocomni
     pretrain: Pretrain
@@ -402,6 +419,7 @@ _NESTED: dict[tuple[str, str], tuple[type, str]] = {
     ('Preprocess', 'regions'): (PreprocessRegionsEntry, 'map'),
     ('Settings', 'preprocess'): (Preprocess, 'one'),
     ('Settings', 'download'): (Download, 'one'),
+    ('Settings', 'audit'): (Audit, 'one'),
     ('Settings', 'model'): (Model, 'one'),
     ('Vocomni', 'members'): (VocomniMembersItem, 'list'),
     ('Settings', 'vocomni'): (Vocomni, 'one'),

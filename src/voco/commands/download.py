@@ -1,12 +1,15 @@
 """``voco download``: fill ``data/raw/<id>`` from a dataset card's source and write ``SOURCE.json`` last.
 
-* ``huggingface``: files of a hub dataset repository (``source.files`` or ``source.include`` globs), checked against the
-  hub's own LFS sha256; split archives (``*.zip.001 ...``, ``*.part_aa ...``) are joined, archives extracted safely.
+* ``huggingface``: files of a hub dataset (or model) repository at the card's pinned commit (``source.files`` or
+  ``source.include`` globs), fetched in parallel with ``huggingface_hub`` and checked against the hub's own LFS sha256;
+  split archives (``*.zip.001 ...``, ``*.part_aa ...``) are joined, archives extracted safely. A card whose
+  ``source.revision`` is not a commit needs ``--allow-unpinned``.
 * ``http``: archive URL(s) checked against the card's sha256 (or md5 where only that is published, or ``--sha256``).
 * ``local`` (card, ``download.local.<id>`` in the config, or ``--from``): the folder is linked (or ``--copy``-ed).
 * ``manual``: prints how to obtain the data (licence-gated) and exits with status 2.
 
-Tokens come from the environment (``HF_TOKEN``); they are never logged.
+The raw folder is replaced as a whole when everything worked (never merged with an earlier download). The hub token
+(``$HF_TOKEN``, or the one ``hf auth login`` saved) goes only over HTTPS to ``download.token_hosts``; never logged.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 from pathlib import Path
 
 from voco.config import add_config_arguments, config_from_args, load_card
-from voco.data import sources
+from voco.data import hub, sources
 from voco.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_path", help="use this local copy instead of the card's source (linked)")
     parser.add_argument("--copy", action="store_true", help="copy a local source instead of symlinking it")
     parser.add_argument("--hash", action="store_true", help="local sources: record every file's sha256 in SOURCE.json")
-    parser.add_argument("--hf-base", help="Hugging Face base URL (mirror), overrides download.hf_base")
+    parser.add_argument("--hf-base", help="Hugging Face endpoint, overrides download.hf_base and $HF_ENDPOINT")
+    parser.add_argument(
+        "--allow-unpinned",
+        action="store_true",
+        help="accept a hub card whose source.revision is a branch or tag (resolved once; recorded in SOURCE.json)",
+    )
     parser.add_argument("--list", action="store_true", help="print the files that would be fetched, fetch nothing")
     parser.add_argument("--no-flatten", action="store_true", help="keep an archive's single top-level folder")
 
@@ -73,6 +81,13 @@ def run(args: argparse.Namespace) -> int:
     if kind == "synthetic":
         raise ConfigError(f"dataset {card['id']} is synthetic: run `voco synth --dataset {card['id']} --out {out}`")
     if args.list:
+        if kind == "huggingface":
+            base = hub.endpoint(settings)
+            for f in sources.plan_hub(card, settings, allow_unpinned=args.allow_unpinned):
+                checks = [k for k in ("sha256", "git_oid") if getattr(f, k)]
+                url = hub.file_url(f.repo, f.repo_type, f.path, f.commit, base)
+                print(json.dumps({"name": f.path, "url": url, "size": f.size, "checks": checks}))
+            return 0
         for r in sources.plan(card, settings, sha256=args.sha256):
             checks = [k for k in ("sha256", "md5", "git_oid") if getattr(r, k)]
             print(json.dumps({"name": r.name, "url": sources._redact(r.url), "size": r.size, "checks": checks}))
@@ -84,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         sha256=args.sha256,
         allow_unverified=args.allow_unverified,
         flatten=not args.no_flatten,
+        allow_unpinned=args.allow_unpinned,
     )
     log.info(
         "%s: %d file(s) fetched, %d archive(s) extracted into %s",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from voco.config import add_config_arguments, config_from_args
-from voco.errors import ConfigError
+from voco.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,13 @@ def resolve(args: argparse.Namespace, info: Any, cfg: dict) -> tuple[str, str, A
     """Dataset id, region, Params, label map and full label map for this dataset.json + config (+ card)."""
     from voco.config import load_card, region_params
     from voco.data.preprocess import Params
+    from voco.ids import check_id
 
     dataset = args.dataset or info.voco_dataset or re.sub(r"[^a-z0-9_]+", "_", info.name.lower()).strip("_")
+    try:
+        check_id(dataset, f"{info.path}: dataset id" if not args.dataset else "--dataset")
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     card: dict[str, Any] | None = None
     try:
         card = load_card(dataset, cfg["cards_dir"])
@@ -110,6 +115,12 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(_report(_work(job), bar))
     finally:
         bar.close()
+    if args.shard in (None, 0):  # cases the conversion could not produce: rejected rows (once, in shard 0)
+        from voco.data.preprocess import rejected_row
+
+        for j, r in enumerate(info.rejected):
+            rows.append(_report(rejected_row(r["case"], r["reason"], dataset, region, params,
+                                             len(info.entries) + j), None))
     # timing and reuse go to the log only: the manifest stays a deterministic function of inputs and parameters
     write_manifest([{k: v for k, v in r.items() if k not in ("cached", "seconds")} for r in rows], out / MANIFEST)
     n_ok = sum(r["status"] == "ok" for r in rows)
@@ -131,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(row: dict[str, Any], bar: Any) -> dict[str, Any]:
-    bar.update(1)
+    if bar is not None:
+        bar.update(1)
     if row["status"] == "ok":
         log.info(
             "case %s: ok%s shape %s (from %s) %.2fs",

@@ -38,13 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _full_lut(cfg: dict, store, classes: list[str]):
     """label_full value -> VoComni channel, from the store's labels_full names and every pre-training card's map."""
     from voco.config import load_card
-    from voco.errors import ConfigError
+    from voco.errors import ConfigError, DataError
     from voco.omni.curation import full_truth_map, label_lut
 
-    ids = store.ids()
-    if not ids:
-        return None
-    labels_full = store.load(ids[0]).meta.get("labels_full") or {}
+    labels_full: dict = {}
+    for cid in store.ids():  # the first readable case's map (a broken case is that case's verdict, not the job's)
+        try:
+            labels_full = store.load(cid).meta.get("labels_full") or {}
+            break
+        except DataError:
+            continue
     if not labels_full:
         return None
     cards = []

@@ -20,7 +20,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from voco.errors import DataError
+from voco.errors import DataError, UnsafePathError
+from voco.ids import check_id
 
 _NIFTI_SUFFIX = re.compile(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.npy)$", re.IGNORECASE)
 _CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
@@ -39,6 +40,8 @@ class Entry:
         label_full: full-truth label file (phantoms) or None.
         split: ``train`` (from ``training``) or ``test``.
         cls: classification target, -1 when the entry has none.
+        problem: why the entry cannot be processed (an unsafe case id ...), None when it can; such an entry is kept
+            (so that it is reported as a rejected case) but nothing is ever written under its id.
     """
 
     index: int
@@ -48,6 +51,7 @@ class Entry:
     label_full: Path | None
     split: str
     cls: int = -1
+    problem: str | None = None
 
 
 @dataclass
@@ -62,6 +66,9 @@ class DatasetInfo:
     region: str | None
     voco_dataset: str | None
     entries: list[Entry] = field(default_factory=list)
+    #: cases an earlier step (``voco convert``) could not produce: ``[{"case", "reason"}]`` (key ``voco_rejected``),
+    #: carried into the manifest as rejected rows so that no case disappears without a verdict.
+    rejected: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def root(self) -> Path:
@@ -145,7 +152,14 @@ def read_dataset_json(path: str | os.PathLike[str]) -> DatasetInfo:
         cls = e.get("class", -1)
         if not isinstance(cls, int) or isinstance(cls, bool):
             raise DataError(f"{path}: {where}: 'class' must be an integer, got {cls!r}")
-        cid = str(e["case_id"]) if e.get("case_id") else case_id_from_path(images[0])
+        given = "case_id" in e and e["case_id"] not in (None, "")
+        cid = e["case_id"] if given else case_id_from_path(images[0])
+        if isinstance(cid, int) and not isinstance(cid, bool):
+            cid = str(cid)
+        problem = None
+        if not isinstance(cid, str):
+            problem = f"{path}: {where}: case_id {cid!r} must be a string"
+            cid = repr(cid)
         # The same file name in training and test (MSD allows it): keep ids unique and stable.
         if cid in seen:
             base, n = cid, 2
@@ -153,7 +167,15 @@ def read_dataset_json(path: str | os.PathLike[str]) -> DatasetInfo:
                 n += 1
             cid = f"{base}_{n}"
         seen[cid] = i
-        info.entries.append(Entry(i, cid, images, label, label_full, split, cls))
+        try:
+            check_id(cid, f"{path}: {where}: case id" + ("" if given else f" (from the file name {images[0].name!r})"))
+        except UnsafePathError as err:
+            problem = problem or str(err)
+        info.entries.append(Entry(i, cid, images, label, label_full, split, cls, problem))
+    for j, r in enumerate(doc.get("voco_rejected") or []):
+        if not isinstance(r, dict) or "case" not in r:
+            raise DataError(f"{path}: voco_rejected[{j}]: expected an object with 'case' and 'reason', got {r!r}")
+        info.rejected.append({"case": str(r["case"]), "reason": str(r.get("reason", ""))})
     if not info.entries:
         raise DataError(f"{path}: lists no cases (empty 'training' and 'test')")
     return info

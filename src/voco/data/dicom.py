@@ -136,6 +136,25 @@ def select_series(headers: list[tuple[Path, object]], folder: Path, series_uid: 
     return groups[sizes[0][1]]
 
 
+def _tag(ds, name: str, path: Path):
+    """A required header value, or a DicomError naming the slice and the missing tag."""
+    value = getattr(ds, name, None)
+    if value is None or (isinstance(value, str | bytes | list | tuple) and len(value) == 0):
+        raise DicomError(f"{path}: slice has no {name} (required to place it in the volume); the series is rejected")
+    return value
+
+
+def _int_tag(ds, name: str, path: Path) -> int:
+    value = _tag(ds, name, path)
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise DicomError(f"{path}: unreadable {name} {value!r}") from None
+    if out < 1:
+        raise DicomError(f"{path}: {name} is {out}; a slice needs at least one row and column")
+    return out
+
+
 def _floats(v, n: int, what: str, path: Path) -> np.ndarray:
     try:
         arr = np.array([float(x) for x in v], dtype=np.float64)
@@ -151,7 +170,7 @@ def geometry(
 ) -> SeriesGeometry:
     """Sort slices along the normal and check the series is one regular grid; raise DicomError naming the problem."""
     first_path, first = headers[0]
-    iop = _floats(first.ImageOrientationPatient, 6, "ImageOrientationPatient", first_path)
+    iop = _floats(_tag(first, "ImageOrientationPatient", first_path), 6, "ImageOrientationPatient", first_path)
     row_dir, col_dir = iop[:3], iop[3:]
     if (
         abs(np.linalg.norm(row_dir) - 1) > 1e-3
@@ -160,21 +179,25 @@ def geometry(
     ):
         raise DicomError(f"{first_path}: ImageOrientationPatient {iop.tolist()} is not two orthonormal directions")
     normal = np.cross(row_dir, col_dir)
-    rows, cols = int(first.Rows), int(first.Columns)
-    ps = _floats(first.PixelSpacing, 2, "PixelSpacing", first_path)  # (row spacing, column spacing)
+    rows, cols = _int_tag(first, "Rows", first_path), _int_tag(first, "Columns", first_path)
+    ps = _floats(_tag(first, "PixelSpacing", first_path), 2, "PixelSpacing", first_path)  # (row, column spacing)
+    if not np.all(np.isfinite(ps)) or np.any(ps <= 0):
+        raise DicomError(f"{first_path}: PixelSpacing {ps.tolist()} must be two positive numbers")
     positions = []
     for path, ds in headers:
-        other = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", path)
+        other = _floats(_tag(ds, "ImageOrientationPatient", path), 6, "ImageOrientationPatient", path)
         if not np.allclose(other, iop, atol=1e-4):
             raise DicomError(
                 f"{folder}: inconsistent orientation: {path.name} has ImageOrientationPatient {other.tolist()}, "
                 f"{first_path.name} has {iop.tolist()}"
             )
-        if int(ds.Rows) != rows or int(ds.Columns) != cols:
-            raise DicomError(f"{folder}: {path.name} is {ds.Rows}x{ds.Columns}, {first_path.name} is {rows}x{cols}")
-        if not np.allclose(_floats(ds.PixelSpacing, 2, "PixelSpacing", path), ps, rtol=1e-4):
-            raise DicomError(f"{folder}: {path.name} has PixelSpacing {list(ds.PixelSpacing)}, expected {ps.tolist()}")
-        positions.append(_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", path))
+        r, c = _int_tag(ds, "Rows", path), _int_tag(ds, "Columns", path)
+        if r != rows or c != cols:
+            raise DicomError(f"{folder}: {path.name} is {r}x{c}, {first_path.name} is {rows}x{cols}")
+        spacing = _floats(_tag(ds, "PixelSpacing", path), 2, "PixelSpacing", path)
+        if not np.allclose(spacing, ps, rtol=1e-4):
+            raise DicomError(f"{folder}: {path.name} has PixelSpacing {spacing.tolist()}, expected {ps.tolist()}")
+        positions.append(_floats(_tag(ds, "ImagePositionPatient", path), 3, "ImagePositionPatient", path))
     pos = np.array(positions)
     dist = pos @ normal
     order = [int(i) for i in np.argsort(dist, kind="stable")]

@@ -28,7 +28,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from voco.errors import DataError, VocoError
+from voco.errors import DataError, UnsafePathError
+from voco.ids import check_id, safe_join
 from voco.io import atomic_path
 from voco.progressbar import track
 
@@ -52,6 +53,13 @@ class Conversion:
     def fail(self, case: str, reason: str) -> None:
         log.warning("case %s failed: %s", case, reason)
         self.failed.append({"case": case, "reason": reason})
+
+    def fail_with(self, case: str, e: BaseException, path: Path | None = None) -> None:
+        """Record ``case`` as failed by exception ``e``: its type and message, and the file it was reading."""
+        msg = str(e) or repr(e)
+        if path is not None and str(path) not in msg:
+            msg += f" (reading {path})"
+        self.fail(case, f"{type(e).__name__}: {msg}")
 
     def warn(self, msg: str) -> None:
         log.warning("%s", msg)
@@ -113,23 +121,39 @@ def convert_msd(inp: Path, out: Path, card: dict) -> Conversion:
             if not isinstance(e, dict) or not e.get("image"):
                 conv.fail(f"{split}[{i}]", f"{inp / 'dataset.json'}: entry is not a path or an object with 'image'")
                 continue
-            new = {}
-            for k in _ENTRY_KEYS:
-                if k not in e:
+            if e.get("case_id") not in (None, ""):
+                try:
+                    check_id(e["case_id"], f"{inp / 'dataset.json'}: {split} entry {i}: case_id")
+                except UnsafePathError as err:
+                    conv.fail(f"{split}[{i}]", f"{type(err).__name__}: {err}")
                     continue
-                if k in ("image", "label", "label_full"):
-                    paths = e[k] if isinstance(e[k], list) else [e[k]]
-                    for p in paths:
-                        if not (inp / p).exists():
-                            conv.warn(
-                                f"{split} entry {i}: {k} {inp / p} does not exist (pre-processing will reject it)"
-                            )
-                    rel = [_rel(inp / p, out) for p in paths]
-                    new[k] = rel if isinstance(e[k], list) else rel[0]
-                else:
-                    new[k] = e[k]
+            try:
+                new = _msd_entry(e, inp, out, conv, f"{split} entry {i}")
+            except Exception as err:  # noqa: BLE001 - one entry, one verdict
+                conv.fail_with(f"{split}[{i}]", err, inp / "dataset.json")
+                continue
             (conv.training if split == "training" else conv.test).append(new)
     return conv
+
+
+def _msd_entry(e: dict, inp: Path, out: Path, conv: Conversion, where: str) -> dict:
+    """One MSD entry with its paths re-pointed from ``inp`` to ``out`` (missing files are warned about)."""
+    new = {}
+    for k in _ENTRY_KEYS:
+        if k not in e:
+            continue
+        if k in ("image", "label", "label_full"):
+            paths = e[k] if isinstance(e[k], list) else [e[k]]
+            if not paths or not all(isinstance(p, str) and p for p in paths):
+                raise DataError(f"{inp / 'dataset.json'}: {where}: {k} must be a file path or a list of them")
+            for p in paths:
+                if not (inp / p).exists():
+                    conv.warn(f"{where}: {k} {inp / p} does not exist (pre-processing will reject it)")
+            rel = [_rel(inp / p, out) for p in paths]
+            new[k] = rel if isinstance(e[k], list) else rel[0]
+        else:
+            new[k] = e[k]
+    return new
 
 
 # ---------------------------------------------------------------------------------------------------------- nnU-Net
@@ -168,6 +192,11 @@ def convert_nnunet(inp: Path, out: Path, card: dict) -> Conversion:
             }
         )
         for case in cases:
+            try:
+                check_id(case, f"{folder}: case name")
+            except UnsafePathError as err:
+                conv.fail(case, f"{type(err).__name__}: {err}")
+                continue
             files = [folder / f"{case}_{int(c):04d}{ending}" for c in sorted(channels, key=int)]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -212,6 +241,7 @@ def convert_abdomenatlas(inp: Path, out: Path, card: dict) -> Conversion:
     for d in track(case_dirs, f"convert {card.get('id', inp.name)}", logger=log):
         case = d.name
         try:
+            dest = safe_join(out, "labelsTr", check_id(case, f"{inp}: case folder name") + ".nii.gz")
             ct = nib.load(d / "ct.nii.gz")
             shape, affine = ct.shape[:3], ct.affine
             label = np.zeros(shape, np.uint8)
@@ -230,11 +260,10 @@ def convert_abdomenatlas(inp: Path, out: Path, card: dict) -> Conversion:
                 label[np.asarray(m.dataobj).reshape(shape) > 0] = value
             if absent:
                 conv.warn(f"{case}: no mask for {', '.join(absent)} (treated as background)")
-            dest = out / "labelsTr" / f"{case}.nii.gz"
-            save_label(label, affine, dest)
-        except (VocoError, OSError, ValueError, nib.filebasedimages.ImageFileError) as e:
-            conv.fail(case, f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - one case, one verdict: a bad file fails this case only
+            conv.fail_with(case, e, d)
             continue
+        save_label(label, affine, dest)  # writing: a failure here is the job's (unwritable output), not the case's
         conv.training.append({"image": _rel(d / "ct.nii.gz", out), "label": _rel(dest, out), "case_id": case})
     if ignored:
         conv.warn(f"masks not in the card's label map were ignored: {', '.join(sorted(ignored))}")
@@ -266,8 +295,11 @@ def convert_dicom(inp: Path, out: Path, card: dict) -> Conversion:
             if key in doc:
                 conv.extra[key] = doc[key]
         for split in ("training", "test"):
-            for e in doc.get(split) or []:
+            for i, e in enumerate(doc.get(split) or []):
                 e = {"image": e} if isinstance(e, str) else e
+                if not isinstance(e, dict) or not isinstance(e.get("image"), str) or not e["image"]:
+                    conv.fail(f"{split}[{i}]", f"{dj}: entry is not a path or an object with 'image'")
+                    continue
                 folder = inp / e["image"]
                 extra = {
                     k: (_rel(inp / e[k], out) if k in ("label", "label_full") else e[k])
@@ -281,13 +313,17 @@ def convert_dicom(inp: Path, out: Path, card: dict) -> Conversion:
         raise DataError(f"{inp}: no DICOM series folders found")
     for split, case, folder, extra in track(jobs, f"convert {card.get('id', inp.name)} (DICOM)", unit="series", logger=log):
         sub = "imagesTr" if split == "training" else "imagesTs"
-        dest = out / sub / f"{case}.nii.gz"
+        try:
+            dest = safe_join(out, sub, check_id(case, f"{inp}: case id") + ".nii.gz")
+        except UnsafePathError as e:
+            conv.fail(str(case), f"{type(e).__name__}: {e}")
+            continue
         try:
             vol = dicom.read_series(folder)
-            dicom.write_nifti(vol, dest)
-        except (VocoError, OSError) as e:
-            conv.fail(case, str(e))
+        except Exception as e:  # noqa: BLE001 - one series, one verdict: a bad slice fails this series only
+            conv.fail_with(case, e, folder)
             continue
+        dicom.write_nifti(vol, dest)  # writing: a failure here is the job's (unwritable output), not the case's
         entry = {"image": _rel(dest, out), **extra}
         (conv.training if split == "training" else conv.test).append(entry)
     return conv
@@ -328,4 +364,6 @@ def dataset_document(conv: Conversion, card: dict, fmt: str) -> dict:
         doc["labels_full"] = conv.extra["labels_full"]
     doc["training"] = conv.training
     doc["test"] = conv.test
+    if conv.failed:  # pre-processing records them as rejected cases in the manifest
+        doc["voco_rejected"] = [{"case": f["case"], "reason": f"convert: {f['reason']}"} for f in conv.failed]
     return doc

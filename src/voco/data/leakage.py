@@ -1,5 +1,10 @@
 """Leakage audit: is any downstream evaluation volume also in the pre-training corpus?
 
+"Evaluation volume" means every case that evaluation scores: the manifest's ``test`` split and, for datasets whose
+test cases carry no labels (BTCV-like), the validation part carved out of training. Both come from
+:func:`voco.train.finetune.split_cases` (the very function fine-tuning and evaluation use), so the audit always sees
+what will be scored (``splits=("eval",)``, the default). Other splits can be named explicitly (``train``, ``test``).
+
 Two content fingerprints per case, both taken from the case's *source* image (the file the pre-processing read,
 manifest column ``source_image`` or ``source``):
 
@@ -141,23 +146,137 @@ def _progress(it, total: int | None = None):
     return tqdm(it, total=total, desc="hashing", unit="vol", mininterval=5, disable=None)
 
 
+EVAL = "eval"
+
+
+def eval_refs(manifest: str | os.PathLike[str], card: dict) -> list[CaseRef]:
+    """The cases evaluation scores for one downstream store: ``split_cases``' test ids (split ``test``) and, where
+    there are none, its validation carve-out of training (split ``val``).
+
+    Raises:
+        DataError: the store has no usable cases (the same error fine-tuning would raise).
+    """
+    from voco.data.store import Store
+    from voco.train.finetune import split_cases
+
+    manifest = Path(manifest)
+    refs = {c.case_id: c for c in read_manifest(manifest)}
+    splits = split_cases(Store(manifest.parent), card)
+    out = [dataclasses.replace(refs[c], split="test") for c in splits.test if c in refs]
+    out += [dataclasses.replace(refs[c], split="val") for c in splits.val if c in refs]
+    return out
+
+
+def downstream_refs(
+    manifest: str | os.PathLike[str], splits: Iterable[str], cards: dict[str, dict] | None = None
+) -> tuple[list[CaseRef], list[str]]:
+    """The downstream cases to audit from one manifest, and notes on how they were chosen.
+
+    ``eval`` in ``splits``: what evaluation scores (:func:`eval_refs`, needs the dataset's card in ``cards``; without
+    one the ``test`` split is audited and a note says so). Other names: those manifest splits.
+    """
+    splits = list(splits)
+    notes: list[str] = []
+    out: list[CaseRef] = []
+    plain = [s for s in splits if s != EVAL]
+    if EVAL in splits:
+        allrefs = read_manifest(manifest)
+        dataset = allrefs[0].dataset if allrefs else Path(manifest).parent.name
+        card = (cards or {}).get(dataset)
+        if card is None:
+            notes.append(f"{dataset}: no dataset card given: audited its test split only (not a validation carve-out)")
+            plain = list(dict.fromkeys([*plain, "test"]))
+        else:
+            try:
+                out += eval_refs(manifest, card)
+            except DataError as e:  # fine-tuning will fail on the same problem; the audit still checks the test split
+                notes.append(f"{dataset}: {e}; audited its test split only")
+                plain = list(dict.fromkeys([*plain, "test"]))
+    if plain:
+        seen = {(c.case_id, c.split) for c in out}
+        out += [c for c in read_manifest(manifest, plain) if (c.case_id, c.split) not in seen]
+    return out, notes
+
+
+INDEX_COLUMNS = ["dataset", "case_id", "split", "source", "manifest", "file", "voxels", "error"]
+
+
+def build_index(pretrain: list[str | os.PathLike[str]], workers: int = 1) -> Any:
+    """Fingerprints of every pre-training case, once (a DataFrame with :data:`INDEX_COLUMNS`).
+
+    Per-dataset audits read it instead of hashing the whole corpus again for every downstream dataset.
+    """
+    import pandas as pd
+
+    pre = [c for m in pretrain for c in read_manifest(m)]
+    fps = fingerprint_all([c.source for c in pre], workers)
+    rows = [{**dataclasses.asdict(c), **{k: fps[c.source][k] for k in ("file", "voxels", "error")}} for c in pre]
+    return pd.DataFrame(rows, columns=INDEX_COLUMNS)
+
+
+def write_index(df: Any, path: str | os.PathLike[str]) -> None:
+    from voco.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def read_index(path: str | os.PathLike[str]) -> tuple[list[CaseRef], dict[str, dict[str, Any]], list[str]]:
+    """(pre-training cases, their fingerprints by source, the manifests the index was built from)."""
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: cannot read the leakage index ({type(e).__name__}: {e}); rebuild it") from e
+    missing = [c for c in INDEX_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: not a leakage index (missing columns {missing}); rebuild it")
+    refs, fps = [], {}
+    for r in df.to_dict("records"):
+        refs.append(CaseRef(r["dataset"], r["case_id"], r["split"], r["source"], r["manifest"]))
+        fps[r["source"]] = {"path": r["source"], **{k: _str_or_none(r[k]) for k in ("file", "voxels", "error")}}
+    return refs, fps, sorted(set(df["manifest"]))
+
+
+def _str_or_none(v: Any) -> str | None:
+    return v if isinstance(v, str) and v else None
+
+
 def audit(
     pretrain: list[str | os.PathLike[str]],
     downstream: list[str | os.PathLike[str]],
-    splits: Iterable[str] = ("test",),
+    splits: Iterable[str] = (EVAL,),
     workers: int = 1,
+    cards: dict[str, dict] | None = None,
+    index: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Compare every pre-training case with every downstream case of ``splits`` by both fingerprints.
+    """Compare every pre-training case with every downstream case that evaluation scores, by both fingerprints.
 
+    Args:
+        pretrain: pre-training manifests (ignored when ``index`` is given).
+        downstream: downstream manifests.
+        splits: ``eval`` (default: what evaluation scores, see :func:`downstream_refs`) and / or manifest splits.
+        cards: dataset id -> card, for the ``eval`` splits.
+        index: a pre-training fingerprint index (:func:`build_index`) to use instead of hashing ``pretrain``.
     Returns:
-        the report: inputs, counts per downstream dataset, the overlaps (each with the fingerprints that matched),
-        and the files that could not be read.
+        the report: inputs, counts per downstream dataset (and per split), the overlaps (each with the fingerprints
+        that matched), the files that could not be read, and notes.
     """
     splits = list(splits)
-    pre = [c for m in pretrain for c in read_manifest(m)]
-    down = [c for m in downstream for c in read_manifest(m, splits)]
+    notes: list[str] = []
+    if index is not None:
+        pre, pre_fps, pretrain = read_index(index)
+    else:
+        pre, pre_fps = [c for m in pretrain for c in read_manifest(m)], {}
+    down: list[CaseRef] = []
+    for m in downstream:
+        refs, n = downstream_refs(m, splits, cards)
+        down += refs
+        notes += n
     log.info("leakage audit: %d pre-training cases vs %d downstream cases (splits %s)", len(pre), len(down), splits)
-    fps = fingerprint_all([c.source for c in pre + down], workers)
+    todo = [c.source for c in (down if index is not None else pre + down)]
+    fps = {**pre_fps, **fingerprint_all(todo, workers)}
     index: dict[tuple[str, str], list[CaseRef]] = {}
     for c in pre:
         fp = fps[c.source]
@@ -167,8 +286,11 @@ def audit(
     overlaps = []
     by_dataset: dict[str, dict[str, Any]] = {}
     for c in down:
-        stats = by_dataset.setdefault(c.dataset, {"checked": 0, "overlapping": 0, "pretrain_datasets": []})
+        stats = by_dataset.setdefault(
+            c.dataset, {"checked": 0, "overlapping": 0, "pretrain_datasets": [], "splits": {}}
+        )
         stats["checked"] += 1
+        stats["splits"][c.split] = stats["splits"].get(c.split, 0) + 1
         fp = fps[c.source]
         matches: dict[tuple[str, str], dict[str, Any]] = {}
         for kind in ("file", "voxels"):
@@ -208,8 +330,27 @@ def audit(
         "by_dataset": by_dataset,
         "overlaps": overlaps,
         "unreadable": unreadable,
+        "notes": notes,
         "method": f"sha256 of source file bytes; sha256 of RAS voxels rounded to {ROUND_DECIMALS} decimals + shape",
     }
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from per-dataset reports (same pre-training corpus)."""
+    out: dict[str, Any] = {
+        "pretrain_manifests": sorted({m for r in reports for m in r["pretrain_manifests"]}),
+        "downstream_manifests": [m for r in reports for m in r["downstream_manifests"]],
+        "splits": sorted({s for r in reports for s in r["splits"]}),
+        "n_pretrain": max((r["n_pretrain"] for r in reports), default=0),
+        "n_downstream": sum(r["n_downstream"] for r in reports),
+        "n_overlapping_cases": sum(r["n_overlapping_cases"] for r in reports),
+        "by_dataset": {k: v for r in reports for k, v in r["by_dataset"].items()},
+        "overlaps": [o for r in reports for o in r["overlaps"]],
+        "unreadable": [u for r in reports for u in r["unreadable"]],
+        "notes": [n for r in reports for n in r.get("notes", [])],
+        "method": reports[0]["method"] if reports else "",
+    }
+    return out
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -225,6 +366,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     ]
     for ds, s in sorted(report["by_dataset"].items()):
         lines.append(f"| {ds} | {s['checked']} | {s['overlapping']} | {', '.join(s['pretrain_datasets']) or '-'} |")
+    if report.get("notes"):
+        lines += ["", *[f"Note: {n}" for n in report["notes"]]]
     if report["overlaps"]:
         lines += [
             "",

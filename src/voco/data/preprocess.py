@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from voco.data.geometry import from_ras, resampled_shape, to_ras, voxel_spacing, zoom_grid  # noqa: F401 - re-exported
-from voco.errors import DataError
+from voco.errors import DataError, UnsafePathError
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +108,38 @@ def load_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, np.ndarray]
         raise DataError(f"{what} {path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise DataError(f"{what} {path}: not a NIfTI file (nibabel reads it as {type(img).__name__})")
+    check_voxel_type(img.get_data_dtype(), path, what)
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # EOFError, zlib.error, ValueError ... on truncated files
         raise DataError(f"{what} {path}: truncated or corrupt data ({type(e).__name__}: {e})") from None
+    check_voxel_type(data.dtype, path, what)
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise DataError(f"{what} {path}: invalid affine (singular or not finite)")
     return data, affine
+
+
+def check_voxel_type(dtype: np.dtype, path: Path, what: str) -> None:
+    """Reject voxel types that are not one real number per voxel (they would be silently mangled downstream).
+
+    Raises:
+        DataError: structured voxels (RGB / RGBA colour, vector records), complex values, or non-numeric data.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.fields is not None or dtype.kind == "V":
+        names = ",".join(dtype.names or ()) or str(dtype)
+        raise DataError(
+            f"{what} {path}: structured voxels ({names}: RGB/RGBA colour or vector data, dtype {dtype}); a scalar "
+            "intensity volume is needed (convert colour images to one channel, or list channels as separate files)"
+        )
+    if dtype.kind == "c":
+        raise DataError(
+            f"{what} {path}: complex-valued voxels (dtype {dtype}); a real intensity volume is needed (save the "
+            "magnitude, np.abs(data), if that is what the scan means: the imaginary part is never dropped silently)"
+        )
+    if dtype.kind not in "biuf":
+        raise DataError(f"{what} {path}: non-numeric voxels (dtype {dtype}); a numeric intensity volume is needed")
 
 
 def _spatial3(data: np.ndarray, path: Path, what: str, n_channels: int) -> np.ndarray:
@@ -376,52 +400,41 @@ def process_entry(
     labels: dict[int, str],
     labels_full: dict[int, str],
 ) -> dict[str, Any]:
-    """Pre-process one dataset.json entry into ``out_dir``; never raises DataError (returns a rejected row).
+    """Pre-process one dataset.json entry into ``out_dir``; a bad case never raises (it returns a rejected row).
 
     Returns:
         the manifest row (paths relative to ``out_dir``), with ``cached`` True when the stored result was reused.
     """
-    import shutil
-
     from voco.data.store import case_dir, write_case
     from voco.io import read_json
 
-    row: dict[str, Any] = {
-        "case_id": entry.case_id,
-        "dataset": dataset,
-        "region": region,
-        "status": "rejected",
-        "reason": "",
-        "shape": [],
-        "spacing": list(params.spacing),
-        "split": entry.split,
-        "labelled": entry.label is not None,
-        "class": int(entry.cls),
-        "image": "",
-        "label": "",
-        "label_full": "",
-        "meta": "",
-        "key": "",
-        "index": int(entry.index),
-        "n_channels": len(params.modality),
-        "original_shape": [],
-        "original_spacing": [],
-        "source": str(entry.images[0]),
-        "cached": False,
-    }
-    d = case_dir(out_dir, entry.case_id)
+    row = rejected_row(
+        entry.case_id, "", dataset, region, params, entry.index, entry.split, str(entry.images[0]),
+        labelled=entry.label is not None, cls=int(entry.cls),
+    )
+    if entry.problem:  # an unsafe case id: nothing on disk may be named after it
+        row["reason"] = f"UnsafePathError: {entry.problem}"
+        return row
     try:
+        d = case_dir(out_dir, entry.case_id)
+    except DataError as e:
+        row["reason"] = f"{type(e).__name__}: {e}"
+        return row
+    meta_path = d / "meta.json"
+    try:
+        # Reading and computing: any failure here is this case's verdict (rejected with the reason), never the job's.
         _check_inputs_exist(entry)
         key = case_key(entry, params, {"region": region, "labels": labels, "labels_full": labels_full})
         row["key"] = key
-        meta_path = d / "meta.json"
         if meta_path.is_file():
             try:
                 old = read_json(meta_path)
             except (OSError, ValueError):
                 old = {}
             if old.get("key") == key and all((out_dir / p).is_file() for p in old.get("files", {}).values() if p):
-                row.update(old["row"])
+                # The cache holds what the arrays' key covers (shape, geometry, paths); what the dataset.json says about
+                # the case (split, class, position, label presence, source) always comes from the current entry.
+                row.update({k: v for k, v in old["row"].items() if k in CACHED_COLUMNS})
                 row["cached"] = True
                 return row
         image, affine = read_image(entry.images, len(params.modality))
@@ -436,40 +449,126 @@ def process_entry(
             raise DataError(f"image {entry.images[0]}: {e}") from None
         del image
         fg = foreground_locations(prep.labels["label"], seed=int(key[:8], 16)) if "label" in prep.labels else None
-        meta = dict(prep.meta)
-        meta.update(
-            case_id=entry.case_id,
-            dataset=dataset,
-            region=region,
-            key=key,
-            params=params.to_dict(),
-            labels={str(k): v for k, v in labels.items()},
-            labels_full={str(k): v for k, v in labels_full.items()},
-            window=list(params.window),
-            source=[str(p) for p in entry.images],
-            version=PREPROCESS_VERSION,
-        )
-        row.update(
-            status="ok",
-            shape=meta["shape"],
-            original_shape=meta["original_shape"],
-            original_spacing=meta["original_spacing"],
-            n_channels=meta["n_channels"],
-        )
-        # write_case writes meta.json last: fill in what it will contain first.
-        rel = {
-            "image": os.path.relpath(d / "image.npy", out_dir),
-            "label": os.path.relpath(d / "label.npy", out_dir) if "label" in prep.labels else "",
-            "label_full": os.path.relpath(d / "label_full.npy", out_dir) if "label_full" in prep.labels else "",
-            "meta": os.path.relpath(meta_path, out_dir),
-        }
-        row.update(rel)
-        meta["files"] = {k: v for k, v in rel.items() if k != "meta"}
-        meta["row"] = {k: v for k, v in row.items() if k != "cached"}
+    except Exception as e:  # noqa: BLE001 - one case, one verdict: whatever a bad file raises rejects this case only
+        row["reason"] = case_reason(e, entry)
+        _remove_case(d, out_dir)  # no stale arrays for a case that is now rejected
+        return row
+    meta = dict(prep.meta)
+    meta.update(
+        case_id=entry.case_id,
+        dataset=dataset,
+        region=region,
+        key=key,
+        params=params.to_dict(),
+        labels={str(k): v for k, v in labels.items()},
+        labels_full={str(k): v for k, v in labels_full.items()},
+        window=list(params.window),
+        source=[str(p) for p in entry.images],
+        version=PREPROCESS_VERSION,
+    )
+    row.update(
+        status="ok",
+        shape=meta["shape"],
+        original_shape=meta["original_shape"],
+        original_spacing=meta["original_spacing"],
+        n_channels=meta["n_channels"],
+    )
+    # write_case writes meta.json last: fill in what it will contain first.
+    rel = {
+        "image": os.path.relpath(d / "image.npy", out_dir),
+        "label": os.path.relpath(d / "label.npy", out_dir) if "label" in prep.labels else "",
+        "label_full": os.path.relpath(d / "label_full.npy", out_dir) if "label_full" in prep.labels else "",
+        "meta": os.path.relpath(meta_path, out_dir),
+    }
+    row.update(rel)
+    meta["files"] = {k: v for k, v in rel.items() if k != "meta"}
+    meta["row"] = {k: v for k, v in row.items() if k in CACHED_COLUMNS}
+    # Writing: a failure here (disk full, unwritable output) is the job's problem and stops it.
+    try:
         written = write_case(out_dir, entry.case_id, prep.image, prep.labels, fg, meta, params.storage_dtype)
-        assert written == rel, (written, rel)
-        return row
-    except DataError as e:
-        row["reason"] = str(e)
-        shutil.rmtree(d, ignore_errors=True)  # no stale arrays for a case that is now rejected
-        return row
+    except BaseException:
+        _remove_case(d, out_dir)
+        raise
+    assert written == rel, (written, rel)
+    return row
+
+
+def rejected_row(
+    case_id: str,
+    reason: str,
+    dataset: str,
+    region: str,
+    params: Params,
+    index: int,
+    split: str = "",
+    source: str = "",
+    labelled: bool = False,
+    cls: int = -1,
+) -> dict[str, Any]:
+    """A manifest row for a case that ends ``rejected`` with ``reason`` (the starting point of every row)."""
+    return {
+        "case_id": case_id,
+        "dataset": dataset,
+        "region": region,
+        "status": "rejected",
+        "reason": reason,
+        "shape": [],
+        "spacing": list(params.spacing),
+        "split": split,
+        "labelled": labelled,
+        "class": int(cls),
+        "image": "",
+        "label": "",
+        "label_full": "",
+        "meta": "",
+        "key": "",
+        "index": int(index),
+        "n_channels": len(params.modality),
+        "original_shape": [],
+        "original_spacing": [],
+        "source": source,
+        "cached": False,
+    }
+
+
+#: Manifest columns restored from the cache: everything the arrays' cache key determines. The rest (case id, split,
+#: class, index, labelled, source, dataset, region) is taken from the current dataset.json entry on every run.
+CACHED_COLUMNS = (
+    "status",
+    "reason",
+    "shape",
+    "spacing",
+    "image",
+    "label",
+    "label_full",
+    "meta",
+    "key",
+    "n_channels",
+    "original_shape",
+    "original_spacing",
+)
+
+
+def case_reason(e: BaseException, entry: Any) -> str:
+    """A rejected case's reason: the exception's type and message, and the file it was reading when not named."""
+    msg = str(e) or repr(e)
+    files = [str(p) for p in (*entry.images, entry.label, entry.label_full) if p is not None]
+    if not any(f in msg for f in files):
+        msg += f" (case {entry.case_id}: image {entry.images[0]}" + (f", label {entry.label}" if entry.label else "")
+        msg += ")"
+    return f"{type(e).__name__}: {msg}"
+
+
+def _remove_case(d: Path, out_dir: Path) -> None:
+    """Delete a case folder, only ever inside ``out_dir`` (asserted on the resolved paths)."""
+    import shutil
+
+    from voco.ids import is_inside
+
+    if d.is_symlink() or not d.exists():
+        if d.is_symlink():
+            d.unlink()
+        return
+    if not is_inside(d, Path(out_dir) / "cases") or Path(d).resolve() == (Path(out_dir) / "cases").resolve():
+        raise UnsafePathError(f"refusing to delete {d}: not a case folder inside {Path(out_dir) / 'cases'}")
+    shutil.rmtree(d, ignore_errors=True)

@@ -1,64 +1,69 @@
-"""Getting a dataset's raw files: Hugging Face dataset files, HTTP archives, local folders.
+"""Getting a dataset's raw files: HTTP archives, Hugging Face hub repositories, local folders.
 
-Everything here uses the standard library (``urllib``) so it runs wherever the package runs. Guarantees:
+HTTP(S) archives use the standard library (``urllib``); hub repositories go through ``huggingface_hub``
+(:mod:`voco.data.hub`: pinned commits, parallel files, ``HF_ENDPOINT`` and the saved token). Guarantees:
 
-* **checked**: a file is only moved into place after its checksum matched (sha256 from the card or the user, md5 where
-  only that is published, the hub's LFS sha256 / git blob id for Hugging Face files). A mismatch raises
+* **checked**: a file is only used after its checksum matched (sha256 from the card or the user, md5 where only that
+  is published, the hub's LFS sha256 / git blob id for hub files). A mismatch raises
   :class:`~voco.errors.DownloadError` and leaves nothing in place.
-* **resumable**: bytes arrive in ``<name>.part``; an interrupted or truncated transfer continues with an HTTP ``Range``
-  request instead of starting over.
+* **resumable**: HTTP bytes arrive in ``<name>.part``; an interrupted or truncated transfer continues with an HTTP
+  ``Range`` request instead of starting over (hub files: the library's ``.incomplete`` files).
 * **retried**: HTTP 5xx / 429, connection errors, time-outs and truncated bodies are retried with exponential backoff.
-* **atomic**: files appear under their final name only when complete (``os.replace``); ``SOURCE.json`` is written last.
+* **atomic**: everything is fetched into ``.<id>.downloads/`` and extracted into a staging folder ``.<id>.staging-*``
+  beside the raw folder; only when all of it worked (``SOURCE.json`` written last, inside the staging folder) does the
+  staging folder replace ``data/raw/<id>`` (a re-download never merges into an old raw folder). On failure the staging
+  folder is removed; the downloads folder stays so that the next attempt resumes.
 * **safe extraction**: zip / tar members with absolute paths, ``..`` components, links pointing out of the target,
-  devices or fifos are rejected before anything is extracted, and the error names the member.
-* **tokens** come from the environment (``HF_TOKEN`` by default) and are never logged or written anywhere; they are
-  sent only to the hub's own host (never forwarded on a redirect to another host).
+  devices or fifos are rejected before anything is extracted, and the error names the member; the archive's total
+  size, member count and compression ratio are checked against ``download.max_extract_bytes``, ``max_members`` and
+  ``max_ratio``, and the free space first.
+* **credentials**: HTTP sources and mirrors never receive any; the hub token goes only over HTTPS to the hosts of
+  ``download.token_hosts`` (see :mod:`voco.data.hub`); it is never logged or written anywhere.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import hashlib
 import http.client
-import json
 import logging
 import os
 import re
 import shutil
-import stat
 import sys
-import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
-from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from voco.data import hub
+from voco.data.archives import (  # noqa: F401 - re-exported: the download API users know
+    is_archive,
+    join_parts,
+    merge_move,
+    replace_dir,
+    safe_extract,
+    single_top_folder,
+    split_groups,
+)
 from voco.errors import ConfigError, DownloadError
-from voco.io import atomic_path, write_json
+from voco.io import write_json
 
 log = logging.getLogger(__name__)
 
-DOWNLOADS_DIR = ".downloads"  # inside the output folder: archives and .part files while they are being fetched
 SOURCE_FILE = "SOURCE.json"
 USER_AGENT = "voco-download/0.1 (+urllib)"
-_SPLIT_RE = (
-    re.compile(r"^(?P<base>.+)\.(?P<idx>\d{3})$"),  # name.zip.001, name.zip.002, ...
-    re.compile(r"^(?P<base>.+)\.part_?(?P<idx>[a-z]{2,})$"),  # name.tar.gz.part_aa / .partaa (split -a)
-)
-_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
 @dataclasses.dataclass
 class Settings:
-    """Network settings (config section ``download``)."""
+    """Network and extraction settings (config section ``download``)."""
 
-    hf_base: str = "https://huggingface.co"
+    hf_base: str | None = None  # None: $HF_ENDPOINT, else https://huggingface.co
     mirrors: dict[str, str] = dataclasses.field(default_factory=dict)
     retries: int = 5
     backoff_s: float = 1.0
@@ -66,7 +71,13 @@ class Settings:
     timeout_s: float = 60.0
     chunk_bytes: int = 1 << 20
     token_env: str = "HF_TOKEN"
+    token_hosts: list[str] = dataclasses.field(default_factory=lambda: ["huggingface.co", "hf.co"])
+    workers: int = 8
+    allow_unpinned: bool = False
     keep_archives: bool = False
+    max_extract_bytes: int = 16 << 40
+    max_members: int = 2_000_000
+    max_ratio: float = 100.0
     progress: bool = True
 
     @classmethod
@@ -74,10 +85,6 @@ class Settings:
         sec = dict((cfg or {}).get("download", {}) or {})
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in sec.items() if k in known})
-
-    def token(self) -> str | None:
-        tok = os.environ.get(self.token_env, "").strip()
-        return tok or None
 
     def apply_mirrors(self, url: str) -> str:
         for prefix, repl in sorted(self.mirrors.items(), key=lambda kv: -len(kv[0])):
@@ -96,44 +103,21 @@ class RemoteFile:
     md5: str | None = None
     git_oid: str | None = None  # git blob sha1 (small, non-LFS files on the hub)
     size: int | None = None
-    auth: bool = False  # send the token (only to the URL's own host)
 
 
 # --------------------------------------------------------------------------------------------------------- HTTP
 
 
-class _AuthAwareRedirect(urllib.request.HTTPRedirectHandler):
-    """Follow redirects; keep the Authorization header only while the host stays the same."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401 - urllib signature
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is None:
-            return None
-        auth = req.unredirected_hdrs.get("Authorization")
-        if auth and urllib.parse.urlsplit(newurl).netloc == urllib.parse.urlsplit(req.full_url).netloc:
-            new.add_unredirected_header("Authorization", auth)
-        return new
+def _opener() -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener()
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-def _opener(follow_redirects: bool = True) -> urllib.request.OpenerDirector:
-    handler = _AuthAwareRedirect() if follow_redirects else _NoRedirect()
-    return urllib.request.build_opener(handler)
-
-
-def _request(url: str, settings: Settings, auth: bool, headers: dict[str, str] | None = None, method: str = "GET"):
+def _request(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> urllib.request.Request:
+    """An HTTP request for an archive source: never any credentials (archives and mirrors are public)."""
     req = urllib.request.Request(url, method=method)
     req.add_header("User-Agent", USER_AGENT)
     for k, v in (headers or {}).items():
         req.add_header(k, v)
-    token = settings.token() if auth else None
-    if token:
-        # unredirected: urllib does not copy it onto redirected requests (_AuthAwareRedirect re-adds it on the same host)
-        req.add_unredirected_header("Authorization", f"Bearer {token}")
     return req
 
 
@@ -145,15 +129,12 @@ def _is_retryable_status(code: int) -> bool:
     return code >= 500 or code in (408, 429)
 
 
-def _http_error(url: str, e: urllib.error.HTTPError, settings: Settings) -> DownloadError:
+def _http_error(url: str, e: urllib.error.HTTPError) -> DownloadError:
     hint = ""
     if e.code in (401, 403):
-        hint = (
-            f" (access denied: the dataset may be gated; accept its terms on the hub and export {settings.token_env}"
-            " with a read token)"
-        )
+        hint = " (access denied: the source may need a login; download it yourself and use --from / download.local)"
     elif e.code == 404:
-        hint = " (not found: check the card's repo / file names or the mirror base URL)"
+        hint = " (not found: check the card's URL or the mirror prefix)"
     return DownloadError(f"{_redact(url)}: HTTP {e.code} {e.reason}{hint}")
 
 
@@ -179,26 +160,6 @@ def _with_retries(what: str, settings: Settings, fn):
             log.warning("%s: %s; retry %d/%d in %.1f s", what, e, attempt + 1, settings.retries, delay)
             time.sleep(delay)
             attempt += 1
-
-
-def get_json(url: str, settings: Settings, auth: bool = False) -> tuple[Any, dict[str, str]]:
-    """GET a JSON document (with retries); returns (document, response headers)."""
-
-    def once():
-        try:
-            with _opener().open(_request(url, settings, auth), timeout=settings.timeout_s) as resp:
-                body = resp.read()
-                return json.loads(body.decode("utf-8")), dict(resp.headers.items())
-        except urllib.error.HTTPError as e:
-            if _is_retryable_status(e.code):
-                raise _Retryable(f"HTTP {e.code}") from None
-            raise _http_error(url, e, settings) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
-            raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
-        except json.JSONDecodeError as e:
-            raise DownloadError(f"{_redact(url)}: response is not JSON: {e}") from None
-
-    return _with_retries(_redact(url), settings, once)
 
 
 def _content_range_start(value: str | None) -> tuple[int | None, int | None]:
@@ -236,7 +197,7 @@ def fetch(remote: RemoteFile, dest: str | os.PathLike[str], settings: Settings) 
     url = settings.apply_mirrors(remote.url)
     shown = _redact(url)
     if dest.is_file():
-        record = _verify(dest, remote, shown, remove_on_mismatch=False)
+        record = verify(dest, remote, shown, remove_on_mismatch=False)
         if record is not None:
             log.info("%s: already downloaded and verified", dest.name)
             return record
@@ -252,7 +213,7 @@ def fetch(remote: RemoteFile, dest: str | os.PathLike[str], settings: Settings) 
             part.unlink()
             have = 0
         headers = {"Range": f"bytes={have}-"} if have else {}
-        req = _request(url, settings, remote.auth, headers)
+        req = _request(url, headers)
         try:
             resp = _opener().open(req, timeout=settings.timeout_s)
         except urllib.error.HTTPError as e:
@@ -264,7 +225,7 @@ def fetch(remote: RemoteFile, dest: str | os.PathLike[str], settings: Settings) 
                 raise _Retryable("HTTP 416 for the partial file; restarting from byte 0") from None
             if _is_retryable_status(e.code):
                 raise _Retryable(f"HTTP {e.code}") from None
-            raise _http_error(url, e, settings) from None
+            raise _http_error(url, e) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
             raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
         with resp:
@@ -301,8 +262,8 @@ def fetch(remote: RemoteFile, dest: str | os.PathLike[str], settings: Settings) 
                 raise _Retryable(f"truncated transfer: {received} of {expected} bytes; will resume")
 
     _with_retries(shown, settings, once)
-    record = _verify(part, remote, shown, remove_on_mismatch=True)
-    assert record is not None  # _verify raises on mismatch when remove_on_mismatch
+    record = verify(part, remote, shown, remove_on_mismatch=True)
+    assert record is not None  # verify raises on mismatch when remove_on_mismatch
     os.replace(part, dest)
     return record
 
@@ -325,7 +286,7 @@ def _hashes(path: Path) -> tuple[str, str]:
     return sha.hexdigest(), md5.hexdigest()
 
 
-def _verify(path: Path, remote: RemoteFile, shown: str, remove_on_mismatch: bool) -> dict | None:
+def verify(path: Path, remote: RemoteFile, shown: str, remove_on_mismatch: bool) -> dict | None:
     """Check ``path`` against the remote's checksums. Returns the provenance record, None / raises on mismatch."""
     size = path.stat().st_size
     sha, md5 = _hashes(path)
@@ -350,65 +311,73 @@ def _verify(path: Path, remote: RemoteFile, shown: str, remove_on_mismatch: bool
     return {"name": remote.name, "url": shown, "size": size, "sha256": sha, "verified": verified}
 
 
-# ------------------------------------------------------------------------------------------------- Hugging Face
+# ---------------------------------------------------------------------------------------------------- plans
 
 
-def hf_file_url(repo: str, file: str, settings: Settings, revision: str = "main") -> str:
-    quoted = urllib.parse.quote(file)
-    return f"{settings.hf_base.rstrip('/')}/datasets/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/{quoted}"
+def hub_source(card: dict) -> tuple[str, str, str]:
+    """(repo, repo type, revision) of a ``huggingface`` card (revision ``main`` when the card names none)."""
+    src = card["source"]
+    repo = src.get("repo")
+    if not repo:
+        raise ConfigError(f"dataset {card['id']}: source.kind huggingface needs source.repo")
+    repo_type = src.get("repo_type", "dataset")
+    if repo_type not in hub.REPO_TYPES:
+        raise ConfigError(f"dataset {card['id']}: source.repo_type {repo_type!r} must be one of {hub.REPO_TYPES}")
+    return repo, repo_type, str(src.get("revision") or "main")
 
 
-def hf_list_files(repo: str, settings: Settings, revision: str = "main") -> list[dict]:
-    """Every file of a hub dataset repository: ``[{"path", "size", "sha256"|None, "oid"}]`` (follows pagination)."""
-    base = settings.hf_base.rstrip("/")
-    url: str | None = f"{base}/api/datasets/{repo}/tree/{urllib.parse.quote(revision, safe='')}?recursive=true"
-    out: list[dict] = []
-    while url:
-        doc, headers = get_json(url, settings, auth=True)
-        if not isinstance(doc, list):
-            raise DownloadError(f"{_redact(url)}: unexpected tree listing (not a list)")
-        for entry in doc:
-            if entry.get("type") != "file":
-                continue
-            lfs = entry.get("lfs") or {}
-            out.append(
-                {
-                    "path": entry["path"],
-                    "size": lfs.get("size", entry.get("size")),
-                    "sha256": lfs.get("oid") or lfs.get("sha256"),
-                    "oid": None if lfs else entry.get("oid"),
-                }
+def plan_hub(card: dict, settings: Settings, allow_unpinned: bool = False) -> list[hub.HubFile]:
+    """The hub files a ``huggingface`` card asks for, at one commit, with the checksums to verify them against.
+
+    Raises:
+        ConfigError: the card does not pin a commit and ``allow_unpinned`` is off.
+        DownloadError: the listing has no file that matches the card, or a listed file is missing.
+    """
+    src = card["source"]
+    repo, repo_type, rev = hub_source(card)
+    commit = hub.resolve_revision(repo, repo_type, rev, settings, allow_unpinned or settings.allow_unpinned)
+    listing = hub.list_files(repo, repo_type, commit, settings)
+    if src.get("files"):
+        missing = [f for f in src["files"] if f not in listing]
+        if missing:
+            raise DownloadError(
+                f"dataset {card['id']}: {len(missing)} file(s) listed in the card are not in hub repo {repo}@{commit}: "
+                f"{', '.join(missing[:5])}"
             )
-        url = _next_link(headers.get("Link") or headers.get("link"))
-        if url and url.startswith("/"):
-            url = base + url
+        wanted = list(src["files"])
+    else:
+        patterns = src.get("include") or ["*"]
+        wanted = sorted(p for p in listing if hub.matches(p, patterns))
+        if not wanted:
+            raise DownloadError(
+                f"dataset {card['id']}: no file in hub repo {repo}@{commit} matches include {patterns}; "
+                f"run `voco download --dataset {card['id']} --list` and fix the card's source.include"
+            )
+    checks = src.get("checksums", {})
+    out = []
+    for path in wanted:
+        meta = listing[path]
+        c = checks.get(path)
+        card_sha = c if isinstance(c, str) else (c or {}).get("sha256") if isinstance(c, dict) else None
+        if card_sha and meta.get("sha256") and card_sha.lower() != meta["sha256"].lower():
+            raise DownloadError(
+                f"dataset {card['id']}: {path}: the card's sha256 {card_sha} differs from the hub's {meta['sha256']} "
+                f"at commit {commit}: the file changed upstream or the card is wrong"
+            )
+        out.append(hub.HubFile(repo, repo_type, commit, path, size=meta.get("size"),
+                               sha256=card_sha or meta.get("sha256"), git_oid=meta.get("oid")))
     return out
 
 
-def _next_link(link: str | None) -> str | None:
-    if not link:
-        return None
-    for part in link.split(","):
-        m = re.match(r'\s*<([^>]+)>\s*;\s*rel="?next"?', part)
-        if m:
-            return m.group(1)
-    return None
-
-
-def _matches(path: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatch(path, p) or path.startswith(p.rstrip("/") + "/") for p in patterns)
-
-
 def plan(card: dict, settings: Settings, sha256: str | None = None) -> list[RemoteFile]:
-    """The files a card's source asks for, with the checksums to verify them against.
+    """The files of an ``http`` card's source, with the checksums to verify them against.
 
     Args:
         card: a validated dataset card.
         sha256: the user's checksum for a single-file http source whose card has none.
 
     Raises:
-        DownloadError: the hub listing has no file that matches the card, or a listed file is missing.
-        ConfigError: the card's source cannot be downloaded (local / manual / synthetic, or missing keys).
+        ConfigError: the card's source is not an http one, or it misses keys.
     """
     src = card["source"]
     kind = src["kind"]
@@ -429,44 +398,7 @@ def plan(card: dict, settings: Settings, sha256: str | None = None) -> list[Remo
             out.append(RemoteFile(url=url, name=name, sha256=sha, md5=md5))
         return out
     if kind == "huggingface":
-        repo = src.get("repo")
-        if not repo:
-            raise ConfigError(f"dataset {card['id']}: source.kind huggingface needs source.repo")
-        rev = src.get("revision", "main")
-        listing = {f["path"]: f for f in hf_list_files(repo, settings, rev)}
-        wanted: list[str]
-        if src.get("files"):
-            missing = [f for f in src["files"] if f not in listing]
-            if missing:
-                raise DownloadError(
-                    f"dataset {card['id']}: {len(missing)} file(s) listed in the card are not in hub repo {repo}@{rev}: "
-                    f"{', '.join(missing[:5])}"
-                )
-            wanted = list(src["files"])
-        else:
-            patterns = src.get("include") or ["*"]
-            wanted = sorted(p for p in listing if _matches(p, patterns))
-            if not wanted:
-                raise DownloadError(
-                    f"dataset {card['id']}: no file in hub repo {repo}@{rev} matches include {patterns}; "
-                    f"run `voco download --dataset {card['id']} --list` and fix the card's source.include"
-                )
-        checks = src.get("checksums", {})
-        out = []
-        for path in wanted:
-            meta = listing[path]
-            c = checks.get(path)
-            out.append(
-                RemoteFile(
-                    url=hf_file_url(repo, path, settings, rev),
-                    name=path,
-                    sha256=(c if isinstance(c, str) else None) or meta.get("sha256"),
-                    git_oid=meta.get("oid"),
-                    size=meta.get("size"),
-                    auth=True,
-                )
-            )
-        return out
+        raise ConfigError(f"dataset {card['id']}: huggingface sources are planned by plan_hub")
     if kind == "manual":
         raise ConfigError(manual_message(card))
     if kind == "local":
@@ -485,181 +417,6 @@ def manual_message(card: dict) -> str:
     )
 
 
-# ----------------------------------------------------------------------------------------------- split archives
-
-
-def split_groups(names: Iterable[str]) -> dict[str, list[str]]:
-    """Group split-archive parts by the joined name, each group in order.
-
-    Raises:
-        DownloadError: a group has a gap (e.g. ``.001`` and ``.003`` but no ``.002``).
-    """
-    groups: dict[str, list[tuple[str, str]]] = {}
-    for n in names:
-        for rx in _SPLIT_RE:
-            m = rx.match(n)
-            if m and any(m.group("base").endswith(s) for s in _ARCHIVE_SUFFIXES):
-                groups.setdefault(m.group("base"), []).append((m.group("idx"), n))
-                break
-    out = {}
-    for base, parts in groups.items():
-        parts.sort(key=lambda p: (len(p[0]), p[0]))
-        idx = [p[0] for p in parts]
-        if idx[0].isdigit():
-            nums = [int(i) for i in idx]
-            if nums != list(range(nums[0], nums[0] + len(nums))) or nums[0] not in (0, 1):
-                raise DownloadError(f"split archive {base}: parts {idx} are not consecutive from 000/001")
-        else:
-            expect = [_alpha_index(i) for i in idx]
-            if expect != list(range(len(idx))):
-                raise DownloadError(f"split archive {base}: parts {idx} are not consecutive from 'aa'")
-        out[base] = [p[1] for p in parts]
-    return out
-
-
-def _alpha_index(s: str) -> int:
-    v = 0
-    for ch in s:
-        v = v * 26 + (ord(ch) - ord("a"))
-    return v
-
-
-def join_parts(parts: list[Path], dest: Path) -> Path:
-    """Concatenate ``parts`` in order into ``dest`` (atomic)."""
-    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
-        for p in parts:
-            with open(p, "rb") as f:
-                shutil.copyfileobj(f, out, 1 << 20)
-    return dest
-
-
-# --------------------------------------------------------------------------------------------- safe extraction
-
-
-def is_archive(name: str) -> bool:
-    return name.lower().endswith(_ARCHIVE_SUFFIXES)
-
-
-def _check_member_path(archive: Path, name: str, root: Path) -> Path:
-    if not name or "\x00" in name:
-        raise DownloadError(f"{archive}: unsafe member {name!r}: empty or NUL in name")
-    norm = name.replace("\\", "/")
-    if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm):
-        raise DownloadError(f"{archive}: unsafe member {name!r}: absolute path")
-    if ".." in PurePosixPath(norm).parts:
-        raise DownloadError(f"{archive}: unsafe member {name!r}: path traversal ('..')")
-    target = (root / norm).resolve()
-    if not _inside(target, root):
-        raise DownloadError(f"{archive}: unsafe member {name!r}: resolves outside the target folder")
-    return target
-
-
-def _inside(path: Path, root: Path) -> bool:
-    root = root.resolve()
-    return path == root or root in path.parents
-
-
-def _check_link(archive: Path, name: str, link: str, root: Path, hard: bool) -> None:
-    norm_name = name.replace("\\", "/")
-    if link.startswith("/") or re.match(r"^[A-Za-z]:", link):
-        raise DownloadError(f"{archive}: unsafe member {name!r}: link to absolute path {link!r}")
-    base = root if hard else (root / norm_name).parent
-    target = Path(os.path.normpath(base / link))
-    if not _inside(target, root):
-        raise DownloadError(f"{archive}: unsafe member {name!r}: link {link!r} points outside the target folder")
-
-
-def safe_extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> list[str]:
-    """Extract a zip / tar(.gz|.bz2|.xz) archive into ``dest`` after checking every member.
-
-    Every member is checked before the first byte is written: absolute paths, ``..`` components, symlinks or
-    hardlinks pointing outside ``dest``, devices and fifos raise :class:`DownloadError` naming the member.
-
-    Returns:
-        the extracted member names.
-    """
-    archive, dest = Path(archive), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    root = dest.resolve()
-    name = archive.name.lower()
-    if name.endswith(".zip"):
-        return _extract_zip(archive, root)
-    if name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
-        return _extract_tar(archive, root)
-    raise DownloadError(f"{archive}: not a supported archive (zip, tar, tar.gz, tgz, tar.bz2, tar.xz)")
-
-
-def _extract_zip(archive: Path, root: Path) -> list[str]:
-    try:
-        zf = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile as e:
-        raise DownloadError(f"{archive}: not a valid zip file: {e}") from None
-    with zf:
-        infos = zf.infolist()
-        for info in infos:
-            _check_member_path(archive, info.filename, root)
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                link = zf.read(info).decode("utf-8", "replace")
-                _check_link(archive, info.filename, link, root, hard=False)
-                raise DownloadError(f"{archive}: unsafe member {info.filename!r}: symbolic links are not extracted")
-            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise DownloadError(f"{archive}: unsafe member {info.filename!r}: special file")
-        for info in infos:
-            target = _check_member_path(archive, info.filename, root)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-        return [i.filename for i in infos]
-
-
-def _extract_tar(archive: Path, root: Path) -> list[str]:
-    try:
-        tf = tarfile.open(archive)
-    except tarfile.TarError as e:
-        raise DownloadError(f"{archive}: not a valid tar file: {e}") from None
-    with tf:
-        members = tf.getmembers()
-        for m in members:
-            _check_member_path(archive, m.name, root)
-            if m.issym():
-                _check_link(archive, m.name, m.linkname, root, hard=False)
-            elif m.islnk():
-                _check_link(archive, m.name, m.linkname, root, hard=True)
-            elif not (m.isfile() or m.isdir()):
-                raise DownloadError(f"{archive}: unsafe member {m.name!r}: device, fifo or other special file")
-        # The stdlib 'data' filter re-checks the same things (and strips set-uid bits) as a second line of defence.
-        try:
-            tf.extractall(root, members=members, filter="data")
-        except tarfile.FilterError as e:
-            raise DownloadError(f"{archive}: unsafe member: {e}") from None
-        return [m.name for m in members]
-
-
-def merge_move(src: Path, dest: Path) -> None:
-    """Move the contents of ``src`` into ``dest``, merging folders (files are replaced)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for entry in list(src.iterdir()):
-        target = dest / entry.name
-        if entry.is_dir() and not entry.is_symlink() and target.is_dir() and not target.is_symlink():
-            merge_move(entry, target)
-            entry.rmdir()
-        else:
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-
-
-def _single_top_folder(folder: Path) -> Path | None:
-    entries = [e for e in folder.iterdir() if not e.name.startswith("__MACOSX")]
-    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
-        return entries[0]
-    return None
-
-
 # ------------------------------------------------------------------------------------------------- entry points
 
 
@@ -670,8 +427,10 @@ def download_dataset(
     sha256: str | None = None,
     allow_unverified: bool = False,
     flatten: bool = True,
+    allow_unpinned: bool = False,
 ) -> dict:
-    """Fetch a card's source into ``out``: download, join split archives, extract safely, write SOURCE.json last.
+    """Fetch a card's source and make ``out`` hold exactly it: download, join split archives, extract safely into a
+    staging folder, write SOURCE.json there last, then replace ``out`` with the staging folder.
 
     Args:
         card: validated dataset card (source kind http or huggingface).
@@ -679,66 +438,102 @@ def download_dataset(
         sha256: the user's checksum for a single-file http source without one in the card.
         allow_unverified: accept http files that have no checksum at all (recorded as unverified).
         flatten: an archive holding a single top-level folder is unpacked into ``out`` directly.
+        allow_unpinned: accept a hub revision that is not a commit (resolved once, recorded in SOURCE.json).
 
     Returns:
         the SOURCE.json document.
     """
     out = Path(out)
-    remotes = plan(card, settings, sha256=sha256)
-    unverified = [r.name for r in remotes if not (r.sha256 or r.md5 or r.git_oid)]
-    if unverified and card["source"]["kind"] == "http" and not allow_unverified:
-        raise DownloadError(
-            f"dataset {card['id']}: no checksum for {', '.join(unverified)}: the card has none. Pass --sha256 HEX "
-            "(the publisher's checksum) or --allow-unverified to record it as unverified."
-        )
-    (out / SOURCE_FILE).unlink(missing_ok=True)  # a stale SOURCE.json must not outlive a new download
-    dl = out / DOWNLOADS_DIR
-    records = []
-    for r in remotes:
-        log.info("fetching %s", r.name)
-        records.append(fetch(r, dl / r.name, settings))
-    names = [r.name for r in remotes]
-    joined: list[Path] = []
-    grouped = split_groups(names)
-    in_groups = {n for parts in grouped.values() for n in parts}
-    for base, parts in grouped.items():
-        log.info("joining %d parts into %s", len(parts), base)
-        joined.append(join_parts([dl / p for p in parts], dl / base))
-    plain = [dl / n for n in names if n not in in_groups]
-    extracted: list[str] = []
-    for f in [*plain, *joined]:
-        if is_archive(f.name):
-            staging = dl / f".extract-{PurePosixPath(f.name).name}"
-            shutil.rmtree(staging, ignore_errors=True)
-            log.info("extracting %s", f.name)
-            members = safe_extract(f, staging)
-            extracted.append(f.name)
-            log.debug("%s: %d members", f.name, len(members))
-            top = _single_top_folder(staging) if flatten else None
-            merge_move(top or staging, out)
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            target = out / f.relative_to(dl)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if settings.keep_archives:
-                shutil.copy2(f, target)
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)
+    dl = parent / f".{out.name}.downloads"  # kept on failure: the next attempt resumes from it
+    src = card["source"]
+    kind = src["kind"]
+    provenance: dict[str, Any] = {}
+    if kind == "huggingface":
+        files = plan_hub(card, settings, allow_unpinned=allow_unpinned)
+        repo, repo_type, rev = hub_source(card)
+        provenance = {"repo": repo, "repo_type": repo_type, "revision": files[0].commit if files else None,
+                      "requested_revision": rev, "endpoint": hub.endpoint(settings)}
+        records = hub.download(files, dl, settings)
+        names = [f.path for f in files]
+    else:
+        remotes = plan(card, settings, sha256=sha256)
+        unverified = [r.name for r in remotes if not (r.sha256 or r.md5 or r.git_oid)]
+        if unverified and not allow_unverified:
+            raise DownloadError(
+                f"dataset {card['id']}: no checksum for {', '.join(unverified)}: the card has none. Pass --sha256 HEX "
+                "(the publisher's checksum) or --allow-unverified to record it as unverified."
+            )
+        records = []
+        for r in remotes:
+            log.info("fetching %s", r.name)
+            records.append(fetch(r, _safe_rel(dl, r.name), settings))
+        names = [r.name for r in remotes]
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
+    try:
+        joined: list[Path] = []
+        grouped = split_groups(names)
+        in_groups = {n for parts in grouped.values() for n in parts}
+        for base, parts in grouped.items():
+            log.info("joining %d parts into %s", len(parts), base)
+            joined.append(join_parts([_safe_rel(dl, p) for p in parts], _safe_rel(dl, base)))
+        plain = [_safe_rel(dl, n) for n in names if n not in in_groups]
+        extracted: list[str] = []
+        for k, f in enumerate([*plain, *joined]):
+            if is_archive(f.name):
+                into = staging / f".extract-{k}"
+                log.info("extracting %s", f.name)
+                members = safe_extract(f, into, settings)
+                extracted.append(f.name)
+                log.debug("%s: %d members", f.name, len(members))
+                top = single_top_folder(into) if flatten else None
+                merge_move(top or into, staging)
+                shutil.rmtree(into, ignore_errors=True)
             else:
-                os.replace(f, target)
+                target = _safe_rel(staging, str(f.relative_to(dl)))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copy2 if settings.keep_archives else os.replace)(f, target)
+        doc = {
+            "dataset": card["id"],
+            "kind": kind,
+            "repo": src.get("repo"),
+            "revision": None,
+            **provenance,
+            "files": records,
+            "joined": [p.name for p in joined],
+            "extracted": extracted,
+            "unverified": [r["name"] for r in records if not r["verified"]],
+        }
+        write_json(staging / SOURCE_FILE, doc)
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if not settings.keep_archives:
         shutil.rmtree(dl, ignore_errors=True)
-    src = card["source"]
-    doc = {
-        "dataset": card["id"],
-        "kind": src["kind"],
-        "repo": src.get("repo"),
-        "revision": src.get("revision", "main") if src["kind"] == "huggingface" else None,
-        "files": records,
-        "joined": [p.name for p in joined],
-        "extracted": extracted,
-        "unverified": [r["name"] for r in records if not r["verified"]],
-    }
-    write_json(out / SOURCE_FILE, doc)
     return doc
+
+
+def _safe_rel(root: Path, rel: str) -> Path:
+    """``root/rel`` for a file name that came from a card or a hub listing (never outside ``root``)."""
+    from voco.ids import safe_join
+
+    try:
+        return safe_join(root, rel)
+    except DownloadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - UnsafePathError: say it as a download problem
+        raise DownloadError(f"unsafe remote file name {rel!r}: {e}") from None
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Staging / old folders a killed earlier run left beside ``out`` (never the downloads folder: it resumes)."""
+    for p in out.parent.glob(f".{out.name}.staging-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in out.parent.glob(f".{out.name}.old-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def link_local(

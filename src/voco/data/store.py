@@ -83,7 +83,14 @@ class Case:
 
 # ------------------------------------------------------------------------------------------------------- writing
 def case_dir(out_dir: Path, case_id: str) -> Path:
-    return Path(out_dir) / "cases" / case_id
+    """``out_dir/cases/<case_id>``; the id is checked (:func:`voco.ids.check_id`) and the result stays in ``out_dir``.
+
+    Raises:
+        UnsafePathError: the id is not a safe identifier.
+    """
+    from voco.ids import check_id, safe_join
+
+    return safe_join(out_dir, "cases", check_id(case_id, f"{out_dir}: case id"))
 
 
 def save_array(path: Path, arr: np.ndarray) -> None:

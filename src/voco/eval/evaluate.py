@@ -114,33 +114,49 @@ def evaluate_segmentation(
     per: dict[str, list[dict]] = {"resampled": [], "original": []}
     extra_dice: dict[float, list[float]] = {o: [] for o in extra}
     missing_original = 0
+    failed: list[dict[str, str]] = []
     for cid in track(ids, f"evaluate {record.get('dataset')} {record.get('init')}/{record.get('method')}", logger=log):
-        case = store.load(cid)
-        if case.label is None:
-            raise DataError(f"{store.root}: case {cid} has no label to evaluate against")
-        probs = predict_probs(net, case.image, roi, overlap, sw, blend)
-        pred = probs.argmax(0).numpy().astype(np.uint8)
-        # original geometry: probabilities resampled to the original grid, then argmax (what voco predict writes)
-        pred_o = labels_in_original(probs, case.meta) if (original or save_dir is not None) else None
-        del probs
-        res = M.segmentation_metrics(pred, np.asarray(case.label), labels, case.meta["spacing"], tol, pct)
+        # Everything about one case is computed first and kept only if all of it worked: a case that fails is recorded
+        # (type, message, file) in ``failed`` and left out of every mean, and the other cases go on.
+        try:
+            case = store.load(cid)
+            if case.label is None:
+                raise DataError(f"{store.root}: case {cid} has no label to evaluate against")
+            probs = predict_probs(net, case.image, roi, overlap, sw, blend)
+            pred = probs.argmax(0).numpy().astype(np.uint8)
+            # original geometry: probabilities resampled to the original grid, then argmax (what voco predict writes)
+            pred_o = labels_in_original(probs, case.meta) if (original or save_dir is not None) else None
+            del probs
+            res = M.segmentation_metrics(pred, np.asarray(case.label), labels, case.meta["spacing"], tol, pct)
+            more = []
+            for o in extra:
+                p2 = predict_probs(net, case.image, roi, o, sw, blend).argmax(0).numpy().astype(np.uint8)
+                m2 = M.segmentation_metrics(p2, np.asarray(case.label), labels, case.meta["spacing"], tol, pct)
+                more.append((o, M.nan_mean(v["dice"] for v in m2.values())))
+            org = None
+            lp = originals.path(cid, case.meta) if original else None
+            if original and lp is not None and Path(lp).is_file():
+                gt_o = load_label_file(Path(lp), tuple(case.meta["original_shape"]))
+                org = M.segmentation_metrics(pred_o, gt_o, labels, case.meta["original_spacing"], tol, pct)
+        except Exception as e:  # noqa: BLE001 - one case, one verdict
+            failed.append(_failure(cid, e, store))
+            continue
         per["resampled"].append(res)
         rows += _rows(cid, "resampled", res)
-        for o in extra:
-            p2 = predict_probs(net, case.image, roi, o, sw, blend).argmax(0).numpy().astype(np.uint8)
-            m2 = M.segmentation_metrics(p2, np.asarray(case.label), labels, case.meta["spacing"], tol, pct)
-            extra_dice[o].append(M.nan_mean(v["dice"] for v in m2.values()))
+        for o, d in more:
+            extra_dice[o].append(d)
         if save_dir is not None:
-            save_prediction(pred_o, case.meta, save_dir / f"{cid}.nii.gz")
-        if original:
-            lp = originals.path(cid, case.meta)
-            if lp is None or not Path(lp).is_file():
-                missing_original += 1
-                continue
-            gt_o = load_label_file(Path(lp), tuple(case.meta["original_shape"]))
-            org = M.segmentation_metrics(pred_o, gt_o, labels, case.meta["original_spacing"], tol, pct)
+            from voco.ids import check_id, safe_join
+
+            save_prediction(pred_o, case.meta, safe_join(save_dir, check_id(cid, f"{store.root}: case id") + ".nii.gz"))
+        if org is not None:
             per["original"].append(org)
             rows += _rows(cid, "original", org)
+        elif original:
+            missing_original += 1
+    if not per["resampled"]:
+        raise DataError(f"{store.root}: every one of the {len(ids)} evaluation case(s) failed: "
+                        + "; ".join(f"{f['case_id']}: {f['reason']}" for f in failed[:5]))
     if missing_original:
         log.warning("%d of %d cases have no original label file: original-space metrics %s", missing_original,
                     len(ids), "skipped" if missing_original == len(ids) else "over the others only")
@@ -149,7 +165,16 @@ def evaluate_segmentation(
         metrics[f"dice_resampled_overlap_{o:g}"] = M.nan_mean(vals)
     space = "original" if metrics["original"] else "resampled"
     primary = {"name": "dice", "space": space, "value": metrics[space]["mean"]["dice"]}
-    return pd.DataFrame(rows), {"metrics": metrics, "primary": primary, "nsd_tolerance_mm": tol}
+    return pd.DataFrame(rows), {"metrics": metrics, "primary": primary, "nsd_tolerance_mm": tol, "failed": failed}
+
+
+def _failure(cid: str, e: BaseException, store: Any) -> dict[str, str]:
+    """A case that could not be evaluated: its id and the exception's type and message (with the store named)."""
+    msg = str(e) or repr(e)
+    if str(store.root) not in msg:
+        msg += f" (case {cid} of {store.root})"
+    log.warning("case %s: not evaluated: %s: %s", cid, type(e).__name__, msg)
+    return {"case_id": cid, "reason": f"{type(e).__name__}: {msg}"}
 
 
 def save_prediction(label: np.ndarray, meta: dict, path: Path) -> None:
@@ -175,20 +200,27 @@ def evaluate_classification(net: Any, record: dict, store: Any, ids: list[str]) 
     from voco.progressbar import track
     from voco.runs import case_class, resize_volume
 
-    rows, y_true, probs = [], [], []
+    rows, y_true, probs, failed = [], [], [], []
     with torch.no_grad():
         for cid in track(ids, f"evaluate {record.get('dataset')} {record.get('init')}", logger=log):
-            x = resize_volume(store.load(cid).image, record["roi"])[None]
-            p = torch.softmax(net(x).float(), 1)[0].numpy()
-            t = case_class(store, cid)
+            try:
+                x = resize_volume(store.load(cid).image, record["roi"])[None]
+                p = torch.softmax(net(x).float(), 1)[0].numpy()
+                t = case_class(store, cid)
+            except Exception as e:  # noqa: BLE001 - one case, one verdict
+                failed.append(_failure(cid, e, store))
+                continue
             y_true.append(t)
             probs.append(p)
             rows.append({"case_id": cid, "class": t, "pred": int(p.argmax()), **{f"prob_{k}": float(v) for k, v in enumerate(p)}})
+    if not probs:
+        raise DataError(f"{store.root}: every one of the {len(ids)} evaluation case(s) failed: "
+                        + "; ".join(f"{f['case_id']}: {f['reason']}" for f in failed[:5]))
     probs_a = np.stack(probs)
     acc = M.accuracy(y_true, probs_a.argmax(1))
     auc = M.multiclass_auc(y_true, probs_a)
     primary = {"name": "auc", "value": auc}  # nan (null in JSON) when the scored cases hold one class only
-    return pd.DataFrame(rows), {"metrics": {"accuracy": acc, "auc": auc}, "primary": primary}
+    return pd.DataFrame(rows), {"metrics": {"accuracy": acc, "auc": auc}, "primary": primary, "failed": failed}
 
 
 def evaluate_run(
@@ -226,7 +258,8 @@ def evaluate_run(
     summary = {
         "dataset": record["dataset"], "task": record["task"], "init": record["init"], "method": record["method"],
         "n_train": record["n_train"], "n_train_used": record["n_train_used"], "seed": record["seed"],
-        "split": split_name, "n_cases": len(ids), "overlap": overlap, **res,
+        "split": split_name, "n_cases": len(ids) - len(res["failed"]), "n_failed": len(res["failed"]),
+        "overlap": overlap, **res,
         "run": str(run_dir), "init_source": record.get("init_source"), "train_seconds": record.get("train_seconds"),
         "eval_seconds": round(eval_s, 3), "transfer": record.get("transfer"),
     }

@@ -80,7 +80,9 @@ def write_label_case(
 ) -> dict[str, str]:
     """Write ``out_dir/cases/<uid>/{label.npy, fg.npy, meta.json}``; the image (and label_full) stay in the source
     store and are referenced by paths relative to ``out_dir``. Returns the manifest path columns."""
-    d = out_dir / "cases" / uid
+    from voco.data.store import case_dir
+
+    d = case_dir(out_dir, uid)  # the id is checked and the folder stays inside out_dir
     d.mkdir(parents=True, exist_ok=True)
     save_array(d / "label.npy", label.astype(np.uint8))
     save_array(d / "fg.npy", _foreground_sample(label))
@@ -134,13 +136,19 @@ def run_shard(
     rows = []
     model.eval()
     for cid in tqdm(ids, desc=f"pseudolabel {store.dataset}", mininterval=10, disable=None):
-        case = store.load(cid)
-        label, conf, n_fg, _ = label_volume(model, case.image, roi, overlap, sw_batch_size, device)
-        dice_pc: dict[str, float] = {}
-        if case.label_full is not None and full_lut is not None:
-            truth = map_label(case.label_full, full_lut, f"{store.root}/{cid} label_full")
-            d = per_class_dice(label, truth, len(classes))
-            dice_pc = {classes[i]: float(d[i]) for i in range(1, len(classes)) if np.isfinite(d[i])}
+        try:  # reading and labelling one volume: whatever goes wrong is this volume's verdict, not the shard's
+            case = store.load(cid)
+            label, conf, n_fg, _ = label_volume(model, case.image, roi, overlap, sw_batch_size, device)
+            dice_pc: dict[str, float] = {}
+            if case.label_full is not None and full_lut is not None:
+                truth = map_label(case.label_full, full_lut, f"{store.root}/{cid} label_full")
+                d = per_class_dice(label, truth, len(classes))
+                dice_pc = {classes[i]: float(d[i]) for i in range(1, len(classes)) if np.isfinite(d[i])}
+        except Exception as e:  # noqa: BLE001 - one case, one verdict
+            reason = f"{type(e).__name__}: {e} (case {cid} of {store.root})"
+            log.warning("%s: rejected: %s", cid, reason)
+            rows.append(_failed_row(store, cid, reason))
+            continue
         kept = conf >= min_confidence
         paths = write_label_case(
             out, cid, store, cid, label,
@@ -157,11 +165,28 @@ def run_shard(
             "original_spacing": src.get("original_spacing"), "source": str(store.root),
             "confidence": conf, "fg_voxels": n_fg,
             "dice_full": float(np.mean(list(dice_pc.values()))) if dice_pc else float("nan"),
-            "dice_per_class": json.dumps(dice_pc),
+            "dice_per_class": json.dumps(dice_pc), "error": "",
         })
         log.info("%s: confidence %.3f, %d foreground voxels%s", cid, conf, n_fg,
                  f", Dice vs full truth {rows[-1]['dice_full']:.3f}" if dice_pc else "")
     return write_manifest(rows, out / MANIFEST)
+
+
+def _failed_row(store: Store, cid: str, reason: str) -> dict[str, Any]:
+    """The shard-manifest row of a volume that could not be pseudo-labelled (status rejected, ``error`` = reason)."""
+    try:
+        src = store.row(cid)
+    except DataError:
+        src = {}
+    return {
+        "case_id": cid, "dataset": store.dataset, "region": src.get("region", ""), "status": "rejected",
+        "reason": reason, "shape": [], "spacing": src.get("spacing"), "split": src.get("split", ""),
+        "labelled": False, "class": src.get("class", -1), "image": "", "label": "", "label_full": "", "meta": "",
+        "key": src.get("key", ""), "index": src.get("index"), "n_channels": src.get("n_channels", 1),
+        "original_shape": src.get("original_shape"), "original_spacing": src.get("original_spacing"),
+        "source": str(store.root), "confidence": float("nan"), "fg_voxels": 0, "dice_full": float("nan"),
+        "dice_per_class": "{}", "error": reason,
+    }
 
 
 def summarise(df: pd.DataFrame, min_confidence: float, trained: Sequence[str] | None = None) -> dict[str, Any]:
@@ -208,12 +233,14 @@ def merge(
     if missing:
         raise DataError(f"pseudo-label shards missing: {', '.join(missing)} (run voco pseudolabel --shard K first)")
     df = merge_manifests(inputs, out / MANIFEST)
-    # the threshold is (re-)applied here, so changing it needs no new inference
+    # the threshold is (re-)applied here, so changing it needs no new inference; volumes that failed keep their reason
     conf = df["confidence"].astype(float)
-    kept = conf >= float(min_confidence)
+    errors = df["error"].fillna("").astype(str) if "error" in df.columns else pd.Series([""] * len(df))
+    kept = (conf >= float(min_confidence)) & (errors == "").to_numpy()
     df["status"] = np.where(kept, "ok", "rejected")
     df["reason"] = [
-        "" if k else f"low pseudo-label confidence {c:.3f} < {min_confidence}" for k, c in zip(kept, conf, strict=True)
+        e if e else ("" if k else f"low pseudo-label confidence {c:.3f} < {min_confidence}")
+        for k, c, e in zip(kept, conf, errors, strict=True)
     ]
     df = write_manifest(df, out / MANIFEST)
     low = df[df["status"] != "ok"][["case_id", "dataset", "confidence", "reason"]]
