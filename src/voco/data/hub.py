@@ -210,7 +210,7 @@ def download(files: list[HubFile], dest: Path, settings: Any) -> list[dict]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
-    from voco.data.sources import RemoteFile, verify
+    from voco.data.remote import RemoteFile, verify
 
     if not files:
         return []
@@ -269,7 +269,7 @@ def fetch_model_file(
     import shutil
     import tempfile
 
-    from voco.data.sources import Settings
+    from voco.data.remote import Settings
     from voco.io import sha256_file
 
     settings = settings or Settings()
