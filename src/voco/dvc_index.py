@@ -119,9 +119,9 @@ def build_index(cfg: Mapping[str, Any], cards: Mapping[str, Mapping[str, Any]], 
         "deps": [*report_deps, "src/voco/eval"],
         "params": [{p: ["report", "evaluate"]}],
         "outs": [_persist(f"{rep}/report.md"), _persist(f"{rep}/transfer.csv")],
-        "metrics": [{f"{rep}/report.json": {"cache": False, "persist": True}}],
-        "plots": [{f"{rep}/table.csv": {"cache": False, "persist": True}},
-                  {f"{rep}/results.csv": {"cache": False, "persist": True}},
+        # cached like every output (results/ is git-ignored: an uncached metrics file would live nowhere)
+        "metrics": [_persist(f"{rep}/report.json")],
+        "plots": [_persist(f"{rep}/table.csv"), _persist(f"{rep}/results.csv"),
                   _persist(f"{rep}/label_efficiency.png"), _persist(f"{rep}/training_curves.png")]}
     # every run's training curves (voco.train.progress writes them beside metrics.jsonl): `dvc metrics show` lists each
     # run's last step, `dvc plots show` draws each run's loss
