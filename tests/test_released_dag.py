@@ -51,7 +51,7 @@ def test_dag_with_a_released_format_init_completes(tmp_path):
     transfer = json.loads((wd / "runs/finetune" / run / "transfer.json").read_text())
     assert transfer["layout"] == "voco_ssl_head" and transfer["source"] == str(weights)
     assert transfer["encoder"]["missing"] == [] and transfer["encoder"]["loaded"] == transfer["encoder"]["model"]
-    assert transfer["heads"] == {"VoCo projection head": 12}
+    assert transfer["heads"] == {"VoCo projection head": 6, "VoCo EMA projection head": 6}
     summary = json.loads((wd / "results" / run / "summary.json").read_text())
     assert summary["init"] == "file-VoCo_B_SSL_head" and summary["n_cases"] == 4
     table = (wd / "results/phantom_organs/report/report.md").read_text()
