@@ -194,15 +194,24 @@ def test_medcontext_run_logs_terms_and_resumes(organs, tmp_path):
     assert len(lines) == 4
     assert {"dice_ce", "dice_ce_masked", "consistency", "total"} <= set(lines[-1])
     assert lines[-1]["consistency"] > 0
-    final = torch.load(out / "final.pt", weights_only=True)
-    assert final["method"] == "medcontext" and final["ema"] is not None
-    assert any(k.startswith("token.") for k in final["model"])  # the learnable mask token is trained and saved
     before = torch.load(out / "model.pt", weights_only=True)["model"]
     assert not any(k.startswith(("student.", "token.")) for k in before)  # model.pt holds the plain network
-    assert voco(args) == 0  # complete: resumes from final.pt, trains nothing, same weights
+    assert not (out / "final.pt").exists()  # the resumable checkpoint goes once the outputs exist
+    assert voco(args) == 0  # complete (run.json of the same identity): trains nothing, same weights
     after = torch.load(out / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+    # the resumable checkpoint of a MedContext run holds the learnable mask token and the EMA teacher
+    from test_resume_identity import _sigterm_after
+
+    part = tmp_path / "mc_part"
+    t = _sigterm_after(part / "metrics.jsonl", 2)
+    assert voco([*args[:-4], "--out", str(part), "--steps", "200"]) == 75
+    t.join()
+    last = torch.load(part / "last.pt", weights_only=True)
+    assert last["method"] == "medcontext" and last["ema"] is not None and last["step"] >= 2
+    assert any(k.startswith("token.") for k in last["model"])
 
 
 @pytest.mark.slow
