@@ -55,7 +55,7 @@ rule vocomni:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} voco vocomni --config {params.config} --prep {params.prep} --out {params.out} --work {params.work}"
+        "exec env OMP_NUM_THREADS={threads} voco vocomni --config {params.config} --prep {params.prep} --out {params.out} --work {params.work}"
         " --report {output.summary} > {log} 2>&1"
 
 
@@ -91,7 +91,7 @@ rule pretrain_stage1:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --stage 1 --prep {params.prep} --labelled {params.labelled} --out {params.out}"
+        "exec env OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --stage 1 --prep {params.prep} --labelled {params.labelled} --out {params.out}"
         " --nproc {params.nproc} --nodes {params.nodes} > {log} 2>&1"
 
 
@@ -194,7 +194,7 @@ rule pretrain_stage2:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --stage 2 --prep {params.prep} --labelled {params.labelled} --pseudo {params.pseudo}"
+        "exec env OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --stage 2 --prep {params.prep} --labelled {params.labelled} --pseudo {params.pseudo}"
         " --init {input.init} --out {params.out} --nproc {params.nproc} --nodes {params.nodes} > {log} 2>&1"
 
 
@@ -230,7 +230,7 @@ rule pretrain_suprem:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --method suprem --prep {params.prep} --labelled {params.labelled} --out {params.out}"
+        "exec env OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --method suprem --prep {params.prep} --labelled {params.labelled} --out {params.out}"
         " --nproc {params.nproc} --nodes {params.nodes} > {log} 2>&1"
 
 

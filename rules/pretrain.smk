@@ -5,6 +5,8 @@
 # with N > 1 the command re-runs itself under `torchrun --nproc_per_node=<GPUs visible to the job>` (DDP).
 # Multi-node: give it nodes=M as well (SLURM profile); then `srun` starts torchrun on each of the M nodes of the job
 # (c10d rendezvous on the first). The omni stages and SuPreM (rules/omni.smk) take the same two resources.
+# Training rules `exec` the voco command: SLURM signals every process of the job step, and the shell Snakemake wraps
+# a command in would die on SIGTERM and orphan the training (which cgroup tracking then kills before it checkpoints).
 
 
 def nproc_param(wc, resources):
@@ -57,7 +59,7 @@ rule pretrain_ssl:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} {params.voco} pretrain --method {params.method} --prep {params.prep}"
+        "exec env OMP_NUM_THREADS={threads} {params.voco} pretrain --method {params.method} --prep {params.prep}"
         " --out {params.out} --nproc {params.nproc} --nodes {params.nodes} --config {params.config} > {log} 2>&1"
 
 
