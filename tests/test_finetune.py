@@ -225,7 +225,16 @@ def test_classification_finetune_and_evaluate(cls_task, tmp_path):
                  "--out", str(res)]) == 0
     s = json.loads((res / "summary.json").read_text())
     assert s["task"] == "classification" and s["split"] == "val" and s["primary"]["name"] == "auc"
-    assert 0.0 <= s["metrics"]["accuracy"] <= 1.0 and 0.0 <= s["metrics"]["auc"] <= 1.0
     cases = (res / "cases.csv").read_text().splitlines()
     assert cases[0] == "case_id,class,pred,prob_0,prob_1" and len(cases) == 1 + s["n_cases"]
+    # the summary's accuracy and AUC are those of the per-case predictions (AUC by pairwise ranking, ties half)
+    import pandas as pd
+
+    df = pd.read_csv(res / "cases.csv")
+    assert (df["pred"] == df[["prob_0", "prob_1"]].to_numpy().argmax(1)).all()
+    assert s["metrics"]["accuracy"] == pytest.approx(float((df["pred"] == df["class"]).mean()))
+    pos, neg = df.loc[df["class"] == 1, "prob_1"].to_numpy(), df.loc[df["class"] == 0, "prob_1"].to_numpy()
+    assert len(pos) and len(neg)  # stratified held-out cases: AUC is defined
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in pos for n in neg]
+    assert s["metrics"]["auc"] == pytest.approx(sum(pairs) / len(pairs)) == s["primary"]["value"]
     assert "head.weight" in __import__("torch").load(run / "model.pt", weights_only=True)["model"]
