@@ -243,6 +243,7 @@ def seed_stage2(init: Path, out: Path, identity: Mapping[str, Any] | None = None
         state["stage"] = "stage2"
         state["data"] = {"epoch": 0, "offset": 0}
         state["extra"] = {}
+        state["metrics"] = None  # stage 2's metrics.jsonl starts at the switch (stage 1's curves stay in stage1/)
         state["switch"] = {"from": str(init), "step": switch}
         state["identity"] = identity
         out.mkdir(parents=True, exist_ok=True)
