@@ -108,6 +108,27 @@ def test_sigterm_mid_pretraining_checkpoints_within_60s_and_resume_continues(tmp
 
 
 @pytest.mark.slow
+def test_sigterm_to_every_process_with_loader_workers(tmp_path, stores):
+    """As SLURM does: SIGTERM to every process of the job (here its process group), DataLoader workers included. The
+    workers ignore it, so the training process still finishes its step, checkpoints and exits 75."""
+    steps = 150
+    out = tmp_path / "run"
+    cmd = [VOCO, "pretrain", "--method", "voco", "--prep", *map(str, stores), "--out", str(out), "--steps", str(steps),
+           "--num-workers", "2", "--override", str(_override(tmp_path, checkpoint_every=1000))]
+    env = dict(_child_env(), VOCO_ROOT=str(REPO))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    logged = _wait_for_steps(proc, out / "metrics.jsonl", 5)
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert time.monotonic() - t0 < SIGNAL_TO_CHECKPOINT_LIMIT_S
+    assert "DataLoader worker" not in err  # without the workers ignoring it: "DataLoader worker ... killed by signal"
+    assert logged <= _ck(out / "last.pt")["step"] <= logged + 1
+
+
+@pytest.mark.slow
 def test_sigusr1_checkpoints_and_resume_matches_uninterrupted_run(tmp_path):
     """The shared loop on SIGUSR1 (the other signal SLURM users ask for): exit 75, exact resume past the signal step."""
     steps = 40

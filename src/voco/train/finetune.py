@@ -341,6 +341,7 @@ def segmentation_batches(store: Any, ids: list[str], params: dict, seed: int, nu
     from torch.utils.data import DataLoader
 
     from voco.data.loading import CropDataset
+    from voco.train import preempt
 
     roi = tuple(params["roi"])
     ds = CropDataset(store, roi, ids=ids, label="label", pos_neg=tuple(params["pos_neg"]),
@@ -357,7 +358,8 @@ def segmentation_batches(store: Any, ids: list[str], params: dict, seed: int, nu
         if not index_batches:
             return
         yield from DataLoader(ds, batch_sampler=index_batches, num_workers=num_workers, collate_fn=_stack_crops,
-                              pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                              pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                              worker_init_fn=preempt.ignore_in_worker)  # the training process handles SIGTERM
 
     return batches
 

@@ -71,6 +71,17 @@ def uninstall() -> None:
     reset()
 
 
+def ignore_in_worker(_worker_id: int = 0) -> None:
+    """``DataLoader(worker_init_fn=...)``: loader workers ignore the stop signals.
+
+    SLURM signals every process of a job step, loader workers included; a worker killed by SIGTERM makes PyTorch
+    raise "DataLoader worker exited unexpectedly" in the training process, in the middle of the step that should
+    finish and be checkpointed. The training process decides; its workers go when it does.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def installed() -> bool:
     return all(signal.getsignal(s) is _handler for s in STOP_SIGNALS)
 

@@ -29,6 +29,7 @@ from voco.errors import ConfigError, DataError
 from voco.io import write_json
 from voco.models import MIN_SIDE, build_model, freeze_decoder
 from voco.train import distributed as dist
+from voco.train import preempt
 from voco.train.checkpoint import finish_run, run_identity, seed_everything, store_manifests
 from voco.train.loop import LoopConfig, train
 from voco.train.progress import read_metrics
@@ -156,6 +157,7 @@ class SSLBatches:
             num_workers=self.num_workers,
             collate_fn=collate_views,
             generator=gen,
+            worker_init_fn=preempt.ignore_in_worker,  # the training process handles SIGTERM / SIGUSR1
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
