@@ -44,7 +44,7 @@ rule vocomni:
         config=cfg_for("vocomni"),
         prep=lambda wc, input: _dirs(input.prep),
         out=lambda wc, output: Path(output.manifest).parent,
-        work=f"{RUNS}/vocomni",
+        work=lambda wc, output: Path(output.members[0]).parent.parent,  # runs/vocomni (member-<k>/ below it)
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,

@@ -8,15 +8,7 @@
 # Training rules `exec` the voco command: SLURM signals every process of the job step, and the shell Snakemake wraps
 # a command in would die on SIGTERM and orphan the training (which cgroup tracking then kills before it checkpoints).
 
-
-def nproc_param(wc, resources):
-    """`--nproc`: `auto` (one DDP process per GPU the job sees) when the rule has more than one GPU, else 1."""
-    return "auto" if int(resources.gpu) > 1 else "1"
-
-
-def nodes_param(wc, resources):
-    """`--nodes`: the rule's `nodes` resource (SLURM profile), 0 (this node only, no srun) when it has none."""
-    return int(resources.get("nodes", 0) or 0)
+# (the `--nproc` / `--nodes` values come from nproc_param / nodes_param in rules/common.smk)
 
 
 SSL_RUN = f"{RUNS}/pretrain/{config['pretrain']['run']}/ssl"

@@ -12,7 +12,8 @@ from voco import cli
 # Every pipeline step the rules and DVC stages call (a command missing from the package must fail these tests, not
 # drop silently out of the loop: _available() filters missing modules out, so the tests read the registry itself).
 PIPELINE = ["synth", "download", "convert", "preprocess", "merge-manifest", "audit-leakage", "vocomni", "pretrain",
-            "pseudolabel", "finetune", "evaluate", "report", "config", "dvc-index", "check"]
+            "pseudolabel", "finetune", "evaluate", "report", "predict", "export", "container", "config", "dvc-index",
+            "check"]
 
 
 def test_registry_is_the_pipeline_and_every_module_exists():
