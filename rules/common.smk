@@ -112,3 +112,13 @@ def leakage_gate(wildcards):
     if not AUDIT_ENFORCE or wildcards.init == "scratch" or not PRETRAIN:
         return []
     return f"{RESULTS}/leakage/{wildcards.dataset}.json"
+
+
+def nproc_param(wc, resources):
+    """Training rules' `--nproc`: `auto` (one DDP process per GPU the job sees) with more than one GPU, else 1."""
+    return "auto" if int(resources.gpu) > 1 else "1"
+
+
+def nodes_param(wc, resources):
+    """Training rules' `--nodes`: the rule's `nodes` resource (SLURM profile), else 0 (this node only, no srun)."""
+    return int(resources.get("nodes", 0) or 0)

@@ -57,7 +57,7 @@ rule finetune:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} {params.voco} finetune --config {params.config} --dataset {wildcards.dataset}"
+        "exec env OMP_NUM_THREADS={threads} {params.voco} finetune --config {params.config} --dataset {wildcards.dataset}"
         " --init {wildcards.init} --method {wildcards.method} --n-train {wildcards.n} --seed {wildcards.seed}"
         " --prep {params.prep} --out {params.out} {params.init_path} > {log} 2>&1"
 

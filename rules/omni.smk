@@ -2,7 +2,10 @@
 #   labelled sources -> vocomni (ensemble curation) -> pretrain_stage1 (SSL + DiceCE)
 #   -> pseudolabel (stage-1 model, per shard) -> pseudolabel_merge -> pretrain_stage2 (SSL + DiceCE + pseudo DiceCE)
 #   labelled sources -> pretrain_suprem (supervised only)
-# Every training rule resumes from its run folder's last.pt (the shared loop); checkpoints are the outputs.
+# Every training rule resumes from its run folder's last.pt (the shared loop); checkpoints are the outputs. last.pt is
+# not an output: it survives a failed or pre-empted attempt (Snakemake removes only outputs) and the job removes it
+# once all its outputs exist. The VoComni ensemble members live in runs/vocomni/member-<k>/ the same way (their
+# final.pt / curves are outputs; their last.pt survives a retry), so a retried curation resumes every member.
 
 VOCOMNI_SOURCES = voco_dag.vocomni_sources(config, CARDS)
 OMNI = config["pretrain"]["omni"]
@@ -28,7 +31,11 @@ rule vocomni:
         table=f"{VOCOMNI_DIR}/curation.parquet",
         plot=report(f"{VOCOMNI_DIR}/curation.png", category="VoComni curation"),
         summary=f"{RESULTS}/omni/curation.json",
-        members=directory(f"{RUNS}/vocomni"),
+        members=expand(
+            f"{RUNS}/vocomni/member-{{k}}/{{f}}",
+            k=range(len(config["vocomni"]["members"])),
+            f=["final.pt", "metrics.jsonl", "progress.png"],
+        ),
     log:
         f"{LOGS}/vocomni/vocomni.log",
     benchmark:
@@ -37,6 +44,7 @@ rule vocomni:
         config=cfg_for("vocomni"),
         prep=lambda wc, input: _dirs(input.prep),
         out=lambda wc, output: Path(output.manifest).parent,
+        work=lambda wc, output: Path(output.members[0]).parent.parent,  # runs/vocomni (member-<k>/ below it)
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -47,7 +55,7 @@ rule vocomni:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} voco vocomni --config {params.config} --prep {params.prep} --out {params.out} --work {output.members}"
+        "exec env OMP_NUM_THREADS={threads} voco vocomni --config {params.config} --prep {params.prep} --out {params.out} --work {params.work}"
         " --report {output.summary} > {log} 2>&1"
 
 
@@ -60,6 +68,8 @@ rule pretrain_stage1:
         final=f"{OMNI_RUN}/stage1/final.pt",
         backbone=f"{OMNI_RUN}/stage1/backbone.pt",
         summary=f"{OMNI_RUN}/stage1/summary.json",
+        metrics=f"{OMNI_RUN}/stage1/metrics.jsonl",
+        progress=report(f"{OMNI_RUN}/stage1/progress.png", category="Pre-training", labels={"stage": "stage1"}),
     log:
         f"{LOGS}/pretrain_stage1/{config['pretrain']['run']}.log",
     benchmark:
@@ -69,6 +79,8 @@ rule pretrain_stage1:
         prep=lambda wc, input: _dirs(input.prep),
         labelled=lambda wc, input: Path(input.labelled).parent,
         out=lambda wc, output: Path(output.final).parent,
+        nproc=nproc_param,
+        nodes=nodes_param,
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
@@ -79,8 +91,8 @@ rule pretrain_stage1:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --stage 1 --prep {params.prep} --labelled {params.labelled} --out {params.out}"
-        " > {log} 2>&1"
+        "exec env OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --stage 1 --prep {params.prep} --labelled {params.labelled} --out {params.out}"
+        " --nproc {params.nproc} --nodes {params.nodes} > {log} 2>&1"
 
 
 rule pseudolabel:
@@ -158,6 +170,8 @@ rule pretrain_stage2:
         final=f"{OMNI_RUN}/stage2/final.pt",
         backbone=f"{OMNI_RUN}/stage2/backbone.pt",
         summary=f"{OMNI_RUN}/stage2/summary.json",
+        metrics=f"{OMNI_RUN}/stage2/metrics.jsonl",
+        progress=report(f"{OMNI_RUN}/stage2/progress.png", category="Pre-training", labels={"stage": "stage2"}),
     log:
         f"{LOGS}/pretrain_stage2/{config['pretrain']['run']}.log",
     benchmark:
@@ -168,6 +182,8 @@ rule pretrain_stage2:
         labelled=lambda wc, input: Path(input.labelled).parent,
         pseudo=lambda wc, input: Path(input.init).parent.parent / "pseudo",
         out=lambda wc, output: Path(output.final).parent,
+        nproc=nproc_param,
+        nodes=nodes_param,
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
@@ -178,8 +194,8 @@ rule pretrain_stage2:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --stage 2 --prep {params.prep} --labelled {params.labelled} --pseudo {params.pseudo}"
-        " --init {input.init} --out {params.out} > {log} 2>&1"
+        "exec env OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --stage 2 --prep {params.prep} --labelled {params.labelled} --pseudo {params.pseudo}"
+        " --init {input.init} --out {params.out} --nproc {params.nproc} --nodes {params.nodes} > {log} 2>&1"
 
 
 rule pretrain_suprem:
@@ -191,6 +207,8 @@ rule pretrain_suprem:
         final=f"{OMNI_RUN}/suprem/final.pt",
         backbone=f"{OMNI_RUN}/suprem/backbone.pt",
         summary=f"{OMNI_RUN}/suprem/summary.json",
+        metrics=f"{OMNI_RUN}/suprem/metrics.jsonl",
+        progress=report(f"{OMNI_RUN}/suprem/progress.png", category="Pre-training", labels={"stage": "suprem"}),
     log:
         f"{LOGS}/pretrain_suprem/{config['pretrain']['run']}.log",
     benchmark:
@@ -200,6 +218,8 @@ rule pretrain_suprem:
         prep=lambda wc, input: _dirs(input.prep),
         labelled=VOCOMNI_DIR,
         out=lambda wc, output: Path(output.final).parent,
+        nproc=nproc_param,
+        nodes=nodes_param,
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
@@ -210,8 +230,8 @@ rule pretrain_suprem:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --method suprem --prep {params.prep} --labelled {params.labelled} --out {params.out}"
-        " > {log} 2>&1"
+        "exec env OMP_NUM_THREADS={threads} voco pretrain --config {params.config} --method suprem --prep {params.prep} --labelled {params.labelled} --out {params.out}"
+        " --nproc {params.nproc} --nodes {params.nodes} > {log} 2>&1"
 
 
 rule omni_all:

@@ -194,15 +194,24 @@ def test_medcontext_run_logs_terms_and_resumes(organs, tmp_path):
     assert len(lines) == 4
     assert {"dice_ce", "dice_ce_masked", "consistency", "total"} <= set(lines[-1])
     assert lines[-1]["consistency"] > 0
-    final = torch.load(out / "final.pt", weights_only=True)
-    assert final["method"] == "medcontext" and final["ema"] is not None
-    assert any(k.startswith("token.") for k in final["model"])  # the learnable mask token is trained and saved
     before = torch.load(out / "model.pt", weights_only=True)["model"]
     assert not any(k.startswith(("student.", "token.")) for k in before)  # model.pt holds the plain network
-    assert voco(args) == 0  # complete: resumes from final.pt, trains nothing, same weights
+    assert not (out / "final.pt").exists()  # the resumable checkpoint goes once the outputs exist
+    assert voco(args) == 0  # complete (run.json of the same identity): trains nothing, same weights
     after = torch.load(out / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+    # the resumable checkpoint of a MedContext run holds the learnable mask token and the EMA teacher
+    from test_resume_identity import _sigterm_after
+
+    part = tmp_path / "mc_part"
+    t = _sigterm_after(part / "metrics.jsonl", 2)
+    assert voco([*args[:-4], "--out", str(part), "--steps", "200"]) == 75
+    t.join()
+    last = torch.load(part / "last.pt", weights_only=True)
+    assert last["method"] == "medcontext" and last["ema"] is not None and last["step"] >= 2
+    assert any(k.startswith("token.") for k in last["model"])
 
 
 @pytest.mark.slow
@@ -216,7 +225,16 @@ def test_classification_finetune_and_evaluate(cls_task, tmp_path):
                  "--out", str(res)]) == 0
     s = json.loads((res / "summary.json").read_text())
     assert s["task"] == "classification" and s["split"] == "val" and s["primary"]["name"] == "auc"
-    assert 0.0 <= s["metrics"]["accuracy"] <= 1.0 and 0.0 <= s["metrics"]["auc"] <= 1.0
     cases = (res / "cases.csv").read_text().splitlines()
     assert cases[0] == "case_id,class,pred,prob_0,prob_1" and len(cases) == 1 + s["n_cases"]
+    # the summary's accuracy and AUC are those of the per-case predictions (AUC by pairwise ranking, ties half)
+    import pandas as pd
+
+    df = pd.read_csv(res / "cases.csv")
+    assert (df["pred"] == df[["prob_0", "prob_1"]].to_numpy().argmax(1)).all()
+    assert s["metrics"]["accuracy"] == pytest.approx(float((df["pred"] == df["class"]).mean()))
+    pos, neg = df.loc[df["class"] == 1, "prob_1"].to_numpy(), df.loc[df["class"] == 0, "prob_1"].to_numpy()
+    assert len(pos) and len(neg)  # stratified held-out cases: AUC is defined
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in pos for n in neg]
+    assert s["metrics"]["auc"] == pytest.approx(sum(pairs) / len(pairs)) == s["primary"]["value"]
     assert "head.weight" in __import__("torch").load(run / "model.pt", weights_only=True)["model"]

@@ -39,10 +39,15 @@ def test_posneg_ratio_and_crops():
     # foreground-centred crops always contain foreground; background-centred ones rarely do (small object)
     frac = hits / n
     assert 0.85 <= frac <= 0.97, frac
-    # crops are views of the data: image values match the volume at the same place
+    # crops are views of the data: the image crop and the label crop come from one place of the volume
     s2 = PosNegSampler(["a"], lambda k: (img, lab), roi=(8, 8, 8), pos=1, neg=0, seed=3)
     x, y, _ = s2.sample(1)
     assert (y > 0).any()
+    windows = np.lib.stride_tricks.sliding_window_view(img, (8, 8, 8))
+    where = np.argwhere((windows == x[0, 0]).all(axis=(3, 4, 5)))
+    assert len(where) == 1, "the image crop is not a window of the volume"
+    i, j, k = where[0]
+    assert np.array_equal(y[0], lab[i:i + 8, j:j + 8, k:k + 8])
 
 
 def test_posneg_sampler_state_roundtrip():
@@ -194,12 +199,29 @@ def test_stage1_pseudolabel_stage2(stage_env):
     assert main(["pseudolabel", "--merge", "--out", str(out), "--num-shards", "2", *ov]) == 0
     summary = json.loads((root / "results" / "omni" / "pseudo_tiny_pool.json").read_text())
     assert summary["cases"] == 4 and summary["kept"] == 4
-    assert set(summary["dice_per_class"]) <= {"spleen", "kidney_right", "liver"} | set(summary["dice_per_class"])
-    assert summary["dice_mean"] is not None and 0.0 <= summary["dice_mean"] <= 1.0
+    # every class of the pool's full truth is scored (a class the model also predicts elsewhere may be added)
+    assert {"spleen", "kidney_right", "liver"} <= set(summary["dice_per_class"])
     store = Store(out)
     assert len(store.ids()) == 4
-    case = store.load(store.ids()[0])
-    assert case.label.shape == case.image.shape and 0.0 <= case.meta["pseudo"]["confidence"] <= 1.0
+    # the reported Dice is the Dice of the stored pseudo-labels against the full truth, recomputed here per case
+    from voco.omni.curation import VOCOMNI_CLASSES, per_class_dice
+
+    src = Store(pool)
+    manifest = store.manifest.set_index("case_id")
+    per_case: dict[str, list[float]] = {}
+    for cid in store.ids():
+        case = store.load(cid)
+        truth = src.load(cid).label_full  # the tiny phantom's label values are the VoComni channels already
+        assert case.label.shape == case.image.shape == truth.shape
+        d = per_class_dice(case.label, truth, len(VOCOMNI_CLASSES))
+        expect = {VOCOMNI_CLASSES[i]: float(d[i]) for i in range(1, len(VOCOMNI_CLASSES)) if np.isfinite(d[i])}
+        got = json.loads(manifest.loc[cid, "dice_per_class"])
+        assert got.keys() == expect.keys() and all(got[k] == pytest.approx(v) for k, v in expect.items()), cid
+        for k, v in expect.items():
+            per_case.setdefault(k, []).append(v)
+        assert case.meta["pseudo"]["confidence"] == pytest.approx(float(manifest.loc[cid, "confidence"]))
+    assert summary["dice_per_class"] == pytest.approx({k: float(np.mean(v)) for k, v in per_case.items()})
+    assert summary["dice_mean"] == pytest.approx(float(np.mean(list(summary["dice_per_class"].values()))))
 
     # a stricter threshold at merge time: every volume left out of stage 2 and listed
     import pandas as pd

@@ -67,8 +67,14 @@ def test_report_tables_plots_and_sections(results, tmp_path):
     res, runs = results
     out = tmp_path / "report"
     build_report(res, out, runs)
-    for f in ("report.md", "table.csv", "results.csv", "transfer.csv", "label_efficiency.png", "training_curves.png"):
+    for f in ("report.md", "table.csv", "results.csv", "transfer.csv"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    import matplotlib.image as mpimg
+
+    for f in ("label_efficiency.png", "training_curves.png"):  # real images with something drawn on them
+        img = mpimg.imread(out / f)
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and img.shape[0] > 100 and img.shape[1] > 100
+        assert float(img[..., :3].std()) > 0.01, f"{f} is blank"
     table = pd.read_csv(out / "table.csv")
     row = table[(table.dataset == "organs") & (table.init == "stage2") & (table.method == "plain")].iloc[0]
     assert row["n_train"] == "all"  # the main table shows N = all

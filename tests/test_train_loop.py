@@ -59,7 +59,8 @@ def make_step(noisy: bool):
     return step
 
 
-def run_toy(out: str | Path, steps: int, noisy: bool, sleep: float = 0.0, checkpoint_every: int = 2, stage: str = "toy"):
+def run_toy(out: str | Path, steps: int, noisy: bool, sleep: float = 0.0, checkpoint_every: int = 2, stage: str = "toy",
+            finish: bool = True, identity: dict | None = None):
     from voco.ssl.heads import EMA
     from voco.train.loop import LoopConfig, train
 
@@ -74,7 +75,8 @@ def run_toy(out: str | Path, steps: int, noisy: bool, sleep: float = 0.0, checkp
 
     cfg = LoopConfig(steps=steps, lr=3e-3, warmup=2, checkpoint_every=checkpoint_every, seed=5, stage=stage,
                      method="test", log_every=1)
-    res = train(model, make_step(noisy), toy_batches, cfg, out, ema=ema, after_step=after, crops_per_step=B_GLOBAL)
+    res = train(model, make_step(noisy), toy_batches, cfg, out, ema=ema, after_step=after, crops_per_step=B_GLOBAL,
+                finish=finish, identity=identity)
     return model, ema, res
 
 
@@ -184,6 +186,88 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert moved > 100 * worst, (moved, worst)
 
 
+# ---------------------------------------------------------------------------------------------------------- numerics
+def _fp16_run(out, steps, max_bad_steps, loss_at):
+    """The toy model with fp16 autocast + the real GradScaler, on CPU (the code path CUDA fp16 takes).
+
+    ``loss_at(step, loss) -> loss``: turns the loss of some steps into a NaN or an overflowing one."""
+    from voco.train.loop import LoopConfig, train
+
+    torch.set_num_threads(1)
+    model = toy_model()
+    base = make_step(noisy=False)
+    counter = {"step": 0}
+
+    def step(net, batch):
+        counter["step"] += 1
+        out = dict(base(net, batch))
+        out["total"] = loss_at(counter["step"], out["total"])
+        return out
+
+    cfg = LoopConfig(steps=steps, lr=3e-3, amp="fp16", checkpoint_every=2, seed=5, stage="toy", method="fp16",
+                     max_bad_steps=max_bad_steps, log_every=1)
+    return train(model, step, toy_batches, cfg, out, crops_per_step=B_GLOBAL)
+
+
+def test_fp16_nan_loss_fails_loudly_and_writes_no_final(tmp_path):
+    """From step 3 on the loss is NaN: with fp16 the GradScaler would skip every step and shrink its scale for ever;
+    skipped steps count toward max_bad_steps, so the run fails naming the steps, and no final.pt is written."""
+    from voco.errors import VocoError
+
+    with pytest.raises(VocoError, match=r"steps skipped \(steps 3-6.*fp16 loss scale.*max_bad_steps 3") as info:
+        _fp16_run(tmp_path, steps=20, max_bad_steps=3, loss_at=lambda s, v: v * float("nan") if s >= 3 else v)
+    assert "final.pt was not written" in str(info.value)
+    assert not (tmp_path / "final.pt").exists()
+    ck = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert ck["step"] == 2 and ck["scaler"] is not None  # the last good state stays resumable
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_fp16_overflow_steps_are_skipped_counted_and_recovered_from(tmp_path):
+    """A loss that overflows fp16 at the initial scale (2^16): the GradScaler skips those steps and halves its scale.
+    Under max_bad_steps the run recovers and finishes with a lower scale; over it, the same run fails."""
+    from voco.errors import VocoError
+
+    def huge(step, loss):  # ~1e4 x a CE loss: gradients overflow fp16 until the scale is ~2^16 / 2^k
+        return loss * 3e4
+
+    res = _fp16_run(tmp_path / "ok", steps=24, max_bad_steps=20, loss_at=huge)
+    assert res.step == 24 and (tmp_path / "ok" / "final.pt").is_file()
+    ck = torch.load(tmp_path / "ok" / "final.pt", map_location="cpu", weights_only=True)
+    assert ck["scaler"]["scale"] < 2.0**16  # the scaler really skipped (and halved) on overflow
+    grads = [json.loads(x)["grad_norm"] for x in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    skipped = sum(not np.isfinite(g) for g in grads)
+    assert 1 <= skipped < 20, grads
+    with pytest.raises(VocoError, match="max_bad_steps 1"):
+        _fp16_run(tmp_path / "strict", steps=24, max_bad_steps=1, loss_at=huge)
+    assert not (tmp_path / "strict" / "final.pt").exists()
+
+
+def test_fp32_nan_loss_also_counts(tmp_path):
+    from voco.errors import VocoError
+    from voco.train.loop import LoopConfig, train
+
+    base = make_step(noisy=False)
+
+    def step(net, batch):
+        out = dict(base(net, batch))
+        out["total"] = out["total"] * float("nan")
+        return out
+
+    cfg = LoopConfig(steps=10, amp="off", seed=1, stage="toy", method="nan", max_bad_steps=2)
+    with pytest.raises(VocoError, match="3 consecutive steps skipped"):
+        train(toy_model(), step, toy_batches, cfg, tmp_path)
+    assert not (tmp_path / "final.pt").exists()
+
+
+def test_amp_dtype_by_device():
+    from voco.train.loop import amp_dtype
+
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu) is None
+    assert amp_dtype("fp16", cpu) == torch.float16 and amp_dtype("bf16", cpu) == torch.bfloat16
+
+
 # ------------------------------------------------------------------------------------------------------ child script
 def _main(argv: list[str]) -> int:
     import argparse
@@ -197,7 +281,13 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--sleep", type=float, default=0.0)
     a = p.parse_args(argv)
     if a.mode == "toy":
-        run_toy(a.out, a.steps, noisy=True, sleep=a.sleep)
+        from voco.errors import EXIT_INTERRUPTED, Interrupted
+
+        try:
+            run_toy(a.out, a.steps, noisy=True, sleep=a.sleep)
+        except Interrupted as e:
+            print(e, file=sys.stderr)
+            return EXIT_INTERRUPTED
         return 0
     from voco.train import distributed as dist
 

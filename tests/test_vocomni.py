@@ -213,6 +213,12 @@ def test_vocomni_command_completes_partial_labels(omni_env):
     assert len(table) == 8 and {"confidence", "agreement", "kept", "dice_filled"} <= set(table.columns)
     assert (root / "vocomni" / "curation.png").stat().st_size > 1000
 
+    # the job's outputs are complete: each member folder holds its declared outputs only (no last.pt)
+    for k in (0, 1):
+        assert sorted(p.name for p in (root / "runs" / "vocomni" / f"member-{k}").iterdir()) == [
+            "final.pt", "metrics.jsonl", "progress.png"]
+    curves = [(root / "runs" / "vocomni" / f"member-{k}" / "metrics.jsonl").read_bytes() for k in (0, 1)]
+
     # stricter thresholds: same members (resumed, not retrained), every volume dropped and listed
     strict = root / "strict.yaml"
     strict.write_text("vocomni:\n  min_confidence: 1.0\n")
@@ -221,7 +227,9 @@ def test_vocomni_command_completes_partial_labels(omni_env):
     assert main(args2) == 0
     rep2 = json.loads((root / "strict.json").read_text())
     assert rep2["kept"] == 0 and len(rep2["dropped_cases"]) == 8
-    assert all(m["wall_s"] == 0.0 or m["steps"] == 40 for m in rep2["members"])
+    # the members were reused, not trained again: no step ran (wall 0), their curves are untouched
+    assert [(m["steps"], m["wall_s"]) for m in rep2["members"]] == [(40, 0.0), (40, 0.0)]
+    assert [(root / "runs" / "vocomni" / f"member-{k}" / "metrics.jsonl").read_bytes() for k in (0, 1)] == curves
     assert Store(root / "vocomni_strict").ids() == []
 
 
@@ -229,3 +237,45 @@ def test_fuse_moves_unlearnable_classes_to_background():
     p = _probs(np.full((2, 2, 2), 2), 3, 0.8)
     f = fuse([p], np.array([True, True, False]))
     assert np.allclose(f[2], 0) and np.allclose(f.sum(0), 1) and (f.argmax(0) == 0).all()
+
+
+@pytest.mark.slow
+def test_vocomni_members_resume_after_an_interrupted_attempt(omni_env, tmp_path, caplog):
+    """SIGTERM while member 1 trains: the job exits 75; Snakemake then removes the failed job's outputs (the members'
+    final.pt and curves). The retry resumes every member from the last.pt that survived: member 0 trains no step
+    again, member 1 continues after the step it stopped at."""
+    import json
+
+    import torch
+    from test_resume_identity import _sigterm_after
+
+    from voco.cli import main
+
+    root = omni_env
+    work, out = tmp_path / "work", tmp_path / "vocomni"
+    args = ["vocomni", "--prep", str(root / "prep" / "tiny_src_a"), str(root / "prep" / "tiny_src_b"), "--out", str(out),
+            "--work", str(work), "--report", str(tmp_path / "curation.json"), "--override", str(root / "override.yaml")]
+    m0, m1 = work / "member-0", work / "member-1"
+    t = _sigterm_after(m1 / "metrics.jsonl", 5)
+    assert main(args) == 75
+    t.join()
+    assert torch.load(m0 / "last.pt", weights_only=True)["step"] == 40  # kept until the job's outputs exist
+    stopped = torch.load(m1 / "last.pt", weights_only=True)["step"]
+    assert 5 <= stopped < 40 and not (m1 / "final.pt").exists()
+    curve0 = (m0 / "metrics.jsonl").read_text()
+    for member in (m0, m1):  # a failed job's declared outputs go
+        for name in ("final.pt", "metrics.jsonl", "progress.png"):
+            (member / name).unlink(missing_ok=True)
+
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    assert f"resuming from {m1 / 'last.pt'} at step {stopped}" in caplog.text
+    report = json.loads((tmp_path / "curation.json").read_text())
+    assert [m["steps"] for m in report["members"]] == [40, 40]
+    assert report["members"][0]["wall_s"] == 0.0  # member 0: nothing trained again
+    assert [json.loads(x) for x in (m0 / "metrics.jsonl").read_text().splitlines()] == [
+        json.loads(x) for x in curve0.splitlines()]  # its curve restored from the checkpoint
+    steps1 = [json.loads(x)["step"] for x in (m1 / "metrics.jsonl").read_text().splitlines()]
+    assert steps1 == list(range(1, 41))  # member 1: the first `stopped` steps restored, the rest trained now
+    for member in (m0, m1):
+        assert sorted(p.name for p in member.iterdir()) == ["final.pt", "metrics.jsonl", "progress.png"]

@@ -68,7 +68,8 @@ def test_data_phase_runs_for_real(tmp_path):
             "--configfile", str(REPO / "config/config.yaml"), str(ov), timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     man = pd.read_parquet(tmp_path / "data/prep/phantom_src_a/manifest.parquet")
-    assert len(man) > 0 and set(man["status"]) <= {"ok", "rejected"}
+    card = yaml.safe_load((REPO / "config/datasets/phantom_src_a.yaml").read_text())
+    assert len(man) == card["expected_count"] and set(man["status"]) <= {"ok", "rejected"}
     assert (man["status"] == "ok").all(), man[["case_id", "reason"]]
     assert man["case_id"].is_unique
     for sub in ("synth", "convert", "preprocess", "merge_manifest"):
@@ -109,8 +110,9 @@ def test_local_btcv_copy_runs_its_evaluation(tmp_path):
     assert run["steps"] == 4 and run["training_length"]["from"] == "steps"  # the user's steps beat the card's epochs
     assert run["roi"] == [32, 32, 32]
     s = json.loads(summaries[0].read_text())
-    assert s["dataset"] == "btcv" and s["n_cases"] > 0
-    assert (wd / "results/btcv/report/report.md").read_text().strip()
+    assert s["dataset"] == "btcv" and s["task"] == "segmentation" and s["init"] == "scratch" and s["n_cases"] >= 1
+    assert s["primary"]["name"] == "dice" and isinstance(s["primary"]["value"], float)
+    assert "btcv" in (wd / "results/btcv/report/report.md").read_text()
 
 
 def test_card_epochs_become_steps_of_the_run(tmp_path):

@@ -6,18 +6,24 @@ Each subcommand lives in ``voco.commands.<module>`` and defines::
     def run(args: argparse.Namespace) -> int: ...
 
 Modules are imported only when their subcommand runs, so ``voco --help`` stays fast (no torch import).
+
+A module that sets ``STOPS_ON_SIGNALS = True`` (the training commands) gets SIGTERM / SIGUSR1 turned into a stop
+request (:mod:`voco.train.preempt`) before it runs: it checkpoints and the command exits with status 75
+(:data:`voco.errors.EXIT_INTERRUPTED`, "interrupted, resumable"). Exit statuses: 0 done, 2 a user error (one line on
+stderr naming the problem), 75 interrupted and resumable, anything else a bug (with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
 import sys
 
 from voco import __version__
-from voco.errors import VocoError
+from voco.errors import EXIT_INTERRUPTED, Interrupted, VocoError
 
 # name -> (module under voco.commands, one-line help). Keep in pipeline order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -83,8 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv[idx + 1 :])
     _setup_logging(top_args.verbose)
+    stops = contextlib.nullcontext()
+    if getattr(module, "STOPS_ON_SIGNALS", False):
+        from voco.train import preempt
+
+        stops = preempt.stop_on_signals()  # installed before the command builds anything; restored afterwards
     try:
-        return int(module.run(args) or 0)
+        with stops:
+            return int(module.run(args) or 0)
+    except Interrupted as e:
+        logging.getLogger("voco").warning("%s", e)
+        print(f"voco {name}: {e} (exit status {EXIT_INTERRUPTED})", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except VocoError as e:
         logging.getLogger("voco").error("%s", e)
         print(f"voco {name}: error: {e}", file=sys.stderr)

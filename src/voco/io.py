@@ -18,6 +18,8 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
 
     The temporary name keeps ``path``'s suffixes (or ``suffix``) so writers that infer the format from the extension
     (nibabel, numpy, matplotlib) still work. On error the temporary file is removed and ``path`` is untouched.
+    The temporary file's data is flushed to disk (fsync) before the rename, and the folder entry after it, so that a
+    crash or power loss leaves either the old file or the complete new one, never a renamed empty file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,11 +30,36 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fsync_file(tmp_path)
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a written file's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory handle: the rename itself still happened
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

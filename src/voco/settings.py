@@ -303,7 +303,8 @@ class Pretrain:
     grad_clip: float | None
     checkpoint_every: int
     amp: Literal['auto', 'bf16', 'fp16', 'off', True, False]
-    num_workers: int
+    num_workers: Any
+    max_bad_steps: int
     seed: int
     log_every: int
 
@@ -353,6 +354,9 @@ class Finetune:
     in_channels_mode: Literal['repeat', 'reinit']
     checkpoint_every: int
     log_every: int
+    num_workers: Any
+    amp: Literal['auto', 'bf16', 'fp16', 'off', True, False]
+    max_bad_steps: int
     classification_pool: Literal['encoder']
     medcontext: FinetuneMedcontext
 

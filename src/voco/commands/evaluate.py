@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset.json with the original label files (default: found from each case's source)")
     parser.add_argument("--save-predictions", action="store_true",
                         help="also write predictions (original geometry) to OUT/predictions/<case>.nii.gz")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (default): the GPU with AMP when one is visible, else CPU")
     add_config_arguments(parser)
 
 
@@ -39,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
     if run_json.is_file() and read_json(run_json).get("dataset") != args.dataset:
         raise ConfigError(f"{run_json}: run of dataset {read_json(run_json).get('dataset')!r}, not {args.dataset!r}")
     evaluate_run(args.run, Store(args.prep), args.out, cfg["evaluate"], args.overlap, args.split, args.dataset_json,
-                 args.save_predictions)
+                 args.save_predictions, device=args.device)
     return 0

@@ -16,6 +16,9 @@ from voco.config import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
+#: SIGTERM / SIGUSR1 checkpoint and exit 75 (voco.cli, voco.train.preempt)
+STOPS_ON_SIGNALS = True
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="dataset card id")
@@ -28,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prep", required=True, type=Path, help="pre-processed store (data/prep/<dataset>)")
     parser.add_argument("--out", required=True, type=Path, help="run folder (runs/finetune/<dataset>/<init>/<method>/nN-sS)")
     parser.add_argument("--steps", type=int, default=None, help="override finetune.steps")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (default): the GPU with AMP when one is visible, else CPU")
+    parser.add_argument("--num-workers", default=None, metavar="N|auto",
+                        help="crop loader workers (default finetune.num_workers; auto = the job's CPUs - 1)")
     add_config_arguments(parser)
 
 
@@ -59,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
     log.info("finetune %s init=%s method=%s n=%s seed=%d -> %s", args.dataset, args.init, args.method,
              args.n_train, args.seed, args.out)
     finetune(cfg, card, store, args.out, args.init, args.method, parse_n(args.n_train), args.seed,
-             args.init_path, args.steps)
+             args.init_path, args.steps, device=args.device, num_workers=args.num_workers)
     return 0

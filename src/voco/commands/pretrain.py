@@ -7,6 +7,11 @@ Dispatch by method / stage to the stage modules (each runs on the shared loop in
 * ``--method suprem`` (SPEC 5): ``voco.omni.suprem.run_suprem``.
 
 ``--nproc N|auto`` re-runs the same command under ``torchrun --standalone --nproc_per_node=N`` (DDP) when N > 1.
+``--nodes M`` (M >= 1, inside a SLURM job with M nodes: the rule's ``nodes`` resource) re-runs it through ``srun`` on
+the allocation's nodes, ``torchrun --nnodes=M --nproc_per_node=N`` on each with a c10d rendezvous on the first node.
+
+SIGTERM / SIGUSR1: the run finishes its step, writes ``last.pt`` and exits 75 ("interrupted, resumable"); the same
+command resumes it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from voco.config import add_config_arguments, config_from_args
 from voco.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+#: SIGTERM / SIGUSR1 checkpoint and exit 75 (voco.cli, voco.train.preempt)
+STOPS_ON_SIGNALS = True
 
 METHODS = ("voco", "voco-v1", "suprem")
 STAGES = ("ssl", "1", "2")
@@ -59,13 +67,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="volumes per step per process")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: pretrain.seed)")
     parser.add_argument(
-        "--num-workers", type=int, default=None, help="DataLoader workers (default: pretrain.num_workers)"
+        "--num-workers", default=None, metavar="N|auto",
+        help="DataLoader workers per process (default: pretrain.num_workers; auto = the job's CPUs / processes - 1)",
     )
     parser.add_argument(
         "--nproc",
         default="1",
         metavar="N|auto",
         help="DDP processes on this node (auto = visible GPUs); > 1 re-runs under torchrun",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        metavar="M",
+        help="0 (default): this node only. M >= 1: srun + torchrun over M nodes of the current SLURM allocation "
+        "(c10d rendezvous on the first node); the rule passes its `nodes` resource",
     )
     # stage-specific inputs (omni stages); ignored by the SSL stage
     parser.add_argument(
@@ -107,11 +124,17 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     module_name, func_name = resolve(args, cfg)
     nproc = dist.resolve_nproc(args.nproc)
-    if nproc > 1 and not dist.under_torchrun():
+    nodes = int(args.nodes or 0)
+    if nodes < 0:
+        raise ConfigError(f"--nodes must be >= 0, got {nodes}")
+    if (nproc > 1 or nodes >= 1) and not dist.under_torchrun():
         argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("voco", "cli.py")) else None
         if argv is None:
-            raise ConfigError("--nproc > 1 needs the `voco` command line (run `voco pretrain ... --nproc N`)")
-        return dist.relaunch_under_torchrun(nproc, strip_option(argv, "--nproc"))
+            raise ConfigError("--nproc > 1 / --nodes need the `voco` command line (run `voco pretrain ... --nproc N`)")
+        argv = strip_option(strip_option(argv, "--nproc"), "--nodes")
+        if nodes >= 1:
+            return dist.relaunch_under_srun(nodes, nproc, argv)
+        return dist.relaunch_under_torchrun(nproc, argv)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

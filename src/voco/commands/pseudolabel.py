@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, default=None,
                         help="summary JSON (default <results>/omni/pseudo_<dataset>.json)")
     parser.add_argument("--all-cases", action="store_true", help="label every ok case, not only the unlabelled ones")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (default): the GPU with AMP when one is visible, else CPU")
     add_config_arguments(parser)
 
 
@@ -79,7 +81,6 @@ def _trained_classes(cfg: dict) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from voco.data.store import Store
     from voco.errors import ConfigError
@@ -102,8 +103,11 @@ def run(args: argparse.Namespace) -> int:
         classes = list(ckpt_cfg["vocomni"]["classes"])
         roi = list(omni.get("roi") or cfg["preprocess"]["roi"])
         store = Store(args.prep)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from voco.train.distributed import select_device
+
+        device = select_device(args.device)
         model.to(device)
+        log.info("pseudo-labelling on %s%s", device, " with AMP" if device.type == "cuda" else "")
         df = run_shard(
             model, args.prep, args.out, classes, roi, _full_lut(cfg, store, classes),
             shard=args.shard, num_shards=n_shards if args.shard is not None else None,

@@ -17,6 +17,9 @@ from voco.config import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
+#: SIGTERM / SIGUSR1 checkpoint and exit 75 (voco.cli, voco.train.preempt)
+STOPS_ON_SIGNALS = True
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prep", required=True, type=Path, nargs="+", action="extend",

@@ -6,7 +6,10 @@ and in the original image geometry (class probabilities resampled to the origina
 file). Classification: accuracy and AUC on whole-volume views.
 
 Outputs in ``OUT``: ``cases.csv`` (long form: one row per case x space x class, plus the class mean; classification:
-one row per case) and ``summary.json`` (run identity, per-class and mean metrics, the primary metric, times).
+one row per case) and ``summary.json`` (run identity, per-class and mean metrics, the primary metric, times, device).
+
+Inference runs on the GPU with AMP when one is visible (``device="auto"``), else on the CPU; a progress bar (periodic
+lines in a log) counts the cases.
 """
 
 from __future__ import annotations
@@ -197,15 +200,19 @@ def evaluate_classification(net: Any, record: dict, store: Any, ids: list[str]) 
     """Per-case predictions and accuracy / AUC for a classification run (whole volume resized to the ROI)."""
     import torch
 
+    from voco.eval.inference import autocast_for, model_device
     from voco.progressbar import track
     from voco.runs import case_class, resize_volume
 
+    device = model_device(net)
     rows, y_true, probs, failed = [], [], [], []
     with torch.no_grad():
         for cid in track(ids, f"evaluate {record.get('dataset')} {record.get('init')}", logger=log):
             try:
-                x = resize_volume(store.load(cid).image, record["roi"])[None]
-                p = torch.softmax(net(x).float(), 1)[0].numpy()
+                x = resize_volume(store.load(cid).image, record["roi"])[None].to(device)
+                with autocast_for(device):  # AMP on CUDA, as the segmentation windows
+                    logits = net(x)
+                p = torch.softmax(logits.float(), 1)[0].cpu().numpy()
                 t = case_class(store, cid)
             except Exception as e:  # noqa: BLE001 - one case, one verdict
                 failed.append(_failure(cid, e, store))
@@ -232,18 +239,23 @@ def evaluate_run(
     split: str | None = None,
     dataset_json: str | Path | None = None,
     save_predictions: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate one fine-tuning run; write ``cases.csv`` and ``summary.json`` to ``out``; return the summary.
 
     ``save_predictions``: segmentation predictions in the original geometry go to ``out/predictions/<case>.nii.gz``.
+    ``device``: ``auto`` (the GPU with AMP when one is visible) | ``cpu`` | ``cuda``.
     """
     import torch
 
     from voco.runs import load_run
+    from voco.train.distributed import select_device
 
     out = Path(out)
+    dev = select_device(device)
     run = load_run(run_dir)
-    record, net = run.record, run.net
+    record, net = run.record, run.net.to(dev)
+    log.info("evaluating %s on %s%s", run_dir, dev, " with AMP" if dev.type == "cuda" else "")
     overlap = float(ecfg.get("overlap", 0.75) if overlap is None else overlap)
     split_name, ids = eval_ids(record, split or ecfg.get("split", "auto"))
     t0 = time.perf_counter()
@@ -261,7 +273,7 @@ def evaluate_run(
         "split": split_name, "n_cases": len(ids) - len(res["failed"]), "n_failed": len(res["failed"]),
         "overlap": overlap, **res,
         "run": str(run_dir), "init_source": record.get("init_source"), "train_seconds": record.get("train_seconds"),
-        "eval_seconds": round(eval_s, 3), "transfer": record.get("transfer"),
+        "eval_seconds": round(eval_s, 3), "transfer": record.get("transfer"), "device": str(dev),
     }
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "cases.csv") as tmp:

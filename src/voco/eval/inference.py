@@ -1,4 +1,8 @@
-"""Sliding-window inference over whole preprocessed volumes (MONAI ``sliding_window_inference``)."""
+"""Sliding-window inference over whole preprocessed volumes (MONAI ``sliding_window_inference``).
+
+Inference runs where the model is (its parameters' device, unless told otherwise), under autocast on CUDA (bf16 where
+the GPU supports it, else fp16: the AMP the training loop uses); the probabilities come back as float32 on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,27 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-less model)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def autocast_for(device: torch.device | str, amp: bool | None = None) -> contextlib.AbstractContextManager:
+    """Autocast for inference on ``device``: on CUDA by default (bf16 if supported, else fp16); never on CPU unless
+    ``amp`` is True (then bf16, CPU autocast's type)."""
+    device = torch.device(device)
+    if amp is None:
+        amp = device.type == "cuda"
+    if not amp:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _as_batch(image: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -28,8 +53,8 @@ def predict_probs(
     overlap: float = 0.75,
     sw_batch_size: int = 4,
     mode: str = "gaussian",
-    device: torch.device | str = "cpu",
-    amp: bool = False,
+    device: torch.device | str | None = None,
+    amp: bool | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Softmax probabilities of a whole volume by sliding-window inference.
@@ -40,21 +65,18 @@ def predict_probs(
         roi: window size in voxels.
         overlap: fraction of window overlap (SPEC 6: 0.75).
         mode: window blending ("gaussian" or "constant").
-        device: where the windows run (the blended output stays on the CPU, so whole CT volumes fit).
-        amp: autocast the network to bf16 (fp16 where bf16 is not supported) on CUDA; ignored on the CPU.
+        device: where the windows run (default: the model's device; the model is not moved). The blended output stays
+            on the CPU, so whole CT volumes fit.
+        amp: autocast the network (default: on CUDA only, bf16 where supported else fp16; see :func:`autocast_for`).
         progress: a progress bar over the windows (MONAI's tqdm bar).
 
     Returns:
         (K, X, Y, Z) float32 probabilities on the CPU.
     """
     model.eval()
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else model_device(model)
     x = _as_batch(image, "cpu")
-    dtype = None
-    if amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    ctx = torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    with ctx:
+    with autocast_for(device, amp):
         logits = sliding_window_inference(
             x, roi_size=list(roi), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap, mode=mode,
             sw_device=device, device="cpu", progress=progress,
@@ -69,10 +91,11 @@ def predict_labels(
     overlap: float = 0.75,
     sw_batch_size: int = 4,
     mode: str = "gaussian",
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
+    amp: bool | None = None,
 ) -> np.ndarray:
     """Argmax label map (X, Y, Z) uint8 of :func:`predict_probs`."""
-    probs = predict_probs(model, image, roi, overlap, sw_batch_size, mode, device)
+    probs = predict_probs(model, image, roi, overlap, sw_batch_size, mode, device, amp)
     return probs.argmax(0).numpy().astype(np.uint8)
 
 
@@ -81,15 +104,19 @@ def predict_class(
     model: nn.Module,
     image: np.ndarray | torch.Tensor,
     roi: Sequence[int],
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
+    amp: bool | None = None,
 ) -> np.ndarray:
     """Class probabilities (K,) of one volume for a classifier: the volume is centre-cropped / padded to ``roi``.
 
     The classifier sees one ROI-sized view (the same view it was trained on: the centre of the foreground crop).
     """
     model.eval()
+    device = torch.device(device) if device is not None else model_device(model)
     x = _as_batch(center_crop_or_pad(np.asarray(image, dtype=np.float32), roi), device)
-    return torch.softmax(model(x).float(), dim=1)[0].cpu().numpy()
+    with autocast_for(device, amp):
+        logits = model(x)
+    return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
 
 
 def center_crop_or_pad(image: np.ndarray, roi: Sequence[int]) -> np.ndarray:

@@ -285,13 +285,17 @@ def _dice_dicts(
 
 
 def _member_models(cfg: Mapping, classes: Sequence[str], pool, work_dir: Path, roi: Sequence[int]) -> list:
-    import shutil
+    """Train (or resume, or reuse) the ensemble members in ``work_dir/member-<k>/``.
 
+    Each member's checkpoints record its identity (its settings, the sources' manifests): a member folder of other
+    settings is retrained from scratch (saying what differs), never reused. The members' resumable ``last.pt`` stay
+    until the curation's outputs exist (:func:`run_curation` removes them), so a retried job resumes every member.
+    """
     import torch
 
     from voco.models import build_model
     from voco.omni.stage import RestrictedOutputs, train_supervised
-    from voco.train.checkpoint import FINAL, load_checkpoint
+    from voco.train.checkpoint import run_identity, store_manifests
 
     vc = cfg["vocomni"]
     learnable = np.zeros(len(classes), dtype=bool)
@@ -303,16 +307,15 @@ def _member_models(cfg: Mapping, classes: Sequence[str], pool, work_dir: Path, r
         run_config = {"vocomni_member": dict(m), "classes": list(classes), "steps": vc["steps"], "lr": vc["lr"],
                       "crops_per_step": vc["crops_per_step"], "pos_neg": list(vc["pos_neg"]), "roi": list(roi),
                       "sources": [str(s.store.root) for s in pool.sources]}
-        final = run_dir / FINAL
-        if final.is_file() and load_checkpoint(final).get("config") != run_config:
-            log.warning("%s was trained with other settings: training member %d again", final, k)
-            shutil.rmtree(run_dir)
+        identity = run_identity({k: v for k, v in run_config.items() if k != "sources"},
+                                data=store_manifests([s.store.root for s in pool.sources]))
         torch.manual_seed(int(m["seed"]))
         model = RestrictedOutputs(build_model(m["model"], in_channels=1, out_channels=len(classes),
                                              size=m.get("size", "B"), feature_size=m.get("feature_size")), learnable)
         res = train_supervised(
             model, pool, run_dir, vc["steps"], roi, vc["crops_per_step"], vc["pos_neg"], vc["lr"],
             vc["weight_decay"], seed=int(m["seed"]), stage="member", method="vocomni", run_config=run_config,
+            identity=identity, finish=False,
         )
         model.eval()
         models.append(model)
@@ -350,10 +353,13 @@ def run_curation(
     from tqdm import tqdm
 
     from voco.data.store import MANIFEST, write_manifest
+    from voco.errors import Interrupted
     from voco.eval.inference import predict_probs
     from voco.io import atomic_path, write_json
     from voco.omni.pseudolabel import write_label_case
     from voco.omni.stage import LabelledPool, PoolSource
+    from voco.train import preempt
+    from voco.train.checkpoint import finish_run
 
     t0 = time.perf_counter()
     vc = cfg["vocomni"]
@@ -380,6 +386,9 @@ def run_curation(
                                                      "ensemble_all", "completed_filled_kept")}
     for s in sources:
         for cid in tqdm(s.store.ids(labelled=True), desc=f"vocomni {s.dataset}", mininterval=10, disable=None):
+            if preempt.requested():  # the members are checkpointed; the completion reruns on the next attempt
+                raise Interrupted(preempt.requested() or "a stop signal", None,
+                                  ", ".join(str(i["checkpoint"]) for i in member_info))
             case = s.store.load(cid)
             import torch
 
@@ -481,6 +490,8 @@ def run_curation(
     plot_curation(df, summary, out / "curation.png")
     if report_json:
         write_json(report_json, summary)
+    for k in range(len(vc["members"])):  # the job's outputs are complete: the members' resumable checkpoints can go
+        finish_run(work / f"member-{k}")
     return summary
 
 

@@ -48,7 +48,7 @@ def label_volume(
     roi: Sequence[int],
     overlap: float = 0.5,
     sw_batch_size: int = 4,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> tuple[np.ndarray, float, int, np.ndarray]:
     """Sliding-window pseudo-label of one volume.
 
@@ -116,7 +116,7 @@ def run_shard(
     overlap: float = 0.5,
     sw_batch_size: int = 4,
     min_confidence: float = 0.0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     labelled: bool | None = False,
 ) -> pd.DataFrame:
     """Pseudo-label one shard of a store's ok cases (by default the unlabelled ones) into ``out_dir[/shard-K]``.

@@ -171,8 +171,14 @@ def train_supervised(
     method: str = "vocomni",
     run_config: Mapping[str, Any] | None = None,
     checkpoint_every: int = 1000,
+    identity: Mapping[str, Any] | None = None,
+    finish: bool = True,
 ):
-    """Train ``model`` with DiceCE on ``pool`` through the shared loop (resumable); returns the loop's TrainResult."""
+    """Train ``model`` with DiceCE on ``pool`` through the shared loop (resumable); returns the loop's TrainResult.
+
+    ``identity`` / ``finish``: as :func:`voco.train.loop.train` (a checkpoint of other settings is not resumed; with
+    ``finish=False`` the resumable ``last.pt`` stays until the caller's outputs exist).
+    """
     from voco.train.loop import LoopConfig, train
 
     cfg = LoopConfig(
@@ -181,6 +187,6 @@ def train_supervised(
     )
     batches = LabelledBatches(pool, roi, crops, pos_neg, seed)
     return train(
-        model, supervised_step, batches, cfg, out_dir, run_config=run_config, crops_per_step=crops,
-        progress_title=f"{method} {stage}",
+        model, supervised_step, batches, cfg, out_dir, run_config=run_config, identity=identity, finish=finish,
+        crops_per_step=crops, progress_title=f"{method} {stage}",
     )

@@ -12,8 +12,9 @@ reference), DiceCE of the decoder alone (encoder parameters detached) against th
 model taken at the switch, on the SSL random crops.
 
 Both stages are resumable (the loop's ``last.pt`` / ``final.pt``); iterators are re-created when exhausted (the
-loop's batch stream). Checkpoints record ``stage`` (``stage1`` / ``stage2``) and the global ``step``; the run folder
-also gets ``backbone.pt`` (for fine-tuning) and ``summary.json``.
+loop's batch stream). Checkpoints record ``stage`` (``stage1`` / ``stage2``), the global ``step`` and the run's identity
+(settings, stage 2's init checksum, the stores' manifests): a checkpoint of other settings is not resumed. The run
+folder also gets ``backbone.pt`` (for fine-tuning) and ``summary.json``; ``last.pt`` stays until all outputs exist.
 """
 
 from __future__ import annotations
@@ -221,34 +222,55 @@ def load_stage_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, cfg
 
 
-def seed_stage2(init: Path, out: Path) -> int:
+def seed_stage2(init: Path, out: Path, identity: Mapping[str, Any] | None = None, method: str | None = None) -> int:
     """Start stage 2 from stage 1's final checkpoint: write it as ``out/last.pt`` with stage ``stage2`` (the loop then
-    resumes at the switch step with model, teacher, optimiser, scheduler and RNG carried over). Returns the step."""
-    from voco.train.checkpoint import LAST, find_resume, load_checkpoint, save_checkpoint
+    resumes at the switch step with model, teacher, optimiser, scheduler and RNG carried over). Returns the step.
+
+    A stage-2 checkpoint of this run (same ``identity``) already in ``out`` is resumed instead; one of another run
+    (other settings, another stage-1 checkpoint) is removed first, saying what differs.
+    """
+    from voco.train import distributed as dist
+    from voco.train.checkpoint import LAST, load_checkpoint, prepare_run_dir, save_checkpoint
 
     state = load_checkpoint(init)
     if state.get("stage") != "stage1":
         raise CheckpointError(f"{init}: stage 2 starts from a stage-1 checkpoint, this one is {state.get('stage')!r}")
-    if find_resume(out) is not None:
-        return int(state["step"])
-    state["stage"] = "stage2"
-    state["data"] = {"epoch": 0, "offset": 0}
-    state["extra"] = {}
-    state["switch"] = {"from": str(init), "step": int(state["step"])}
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / LAST, state)
-    log.info("stage 2 starts from %s at global step %d", init, int(state["step"]))
-    return int(state["step"])
+    switch = int(state["step"])
+    found, _ = prepare_run_dir(out, identity, "stage2", method)
+    if found is not None:
+        return switch
+    if dist.is_main():
+        state["stage"] = "stage2"
+        state["data"] = {"epoch": 0, "offset": 0}
+        state["extra"] = {}
+        state["metrics"] = None  # stage 2's metrics.jsonl starts at the switch (stage 1's curves stay in stage1/)
+        state["switch"] = {"from": str(init), "step": switch}
+        state["identity"] = identity
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(out / LAST, state)
+        log.info("stage 2 starts from %s at global step %d", init, switch)
+    dist.barrier()
+    return switch
 
 
 # ---------------------------------------------------------------------------------------------------------- run
 def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
     """``voco pretrain --stage 1|2``."""
+    from dataclasses import asdict
+
     from voco.io import write_json
     from voco.train import distributed as dist
-    from voco.train.checkpoint import load_checkpoint, seed_everything
+    from voco.train.checkpoint import finish_run, load_checkpoint, run_identity, seed_everything, store_manifests
     from voco.train.loop import train
-    from voco.train.pretrain_ssl import SSLBatches, collect_volumes, loop_config, make_step, save_backbone, ssl_settings
+    from voco.train.pretrain_ssl import (
+        SSLBatches,
+        collect_volumes,
+        loader_workers,
+        loop_config,
+        make_step,
+        save_backbone,
+        ssl_settings,
+    )
 
     stage = str(args.stage)
     name = STAGE_NAMES[stage]
@@ -266,16 +288,36 @@ def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
 
     switch = 0
     online = stage == "2" and omni.get("stage2_pseudo", "offline") == "online"
+    batch_size = int(getattr(args, "batch_size", None) or omni.get("batch_size") or pre.get("batch_size", 4))
+    workers = loader_workers(cfg, args)
+    init = None
+    pseudo_in: list[Path] = []
     if stage == "1":
         total = int(args.steps or omni["stage1_steps"])
     else:
         init = Path(args.init or out.parent / "stage1" / "final.pt")
-        switch = seed_stage2(init, out)
-        total = switch + int(args.steps or omni["stage2_steps"])
+        total = int(args.steps or omni["stage2_steps"])  # + the switch step, known once the init is read
+        if not online:
+            pseudo_in = pseudo_dirs(args.pseudo or out.parent / "pseudo")
+    # the omni keys this stage's training reads (pseudo-labelling settings reach stage 2 through its pseudo stores)
+    not_read = {"labelled", "unlabelled", "pseudo_min_confidence", "pseudo_overlap", "sw_batch_size"}
+    if stage == "1":
+        not_read |= {"stage2_steps", "stage2_pseudo", "pseudo_weight", "pseudo_crops"}
+    omni_id = {k: v for k, v in omni.items() if k not in not_read}
+    loop_id = asdict(loop_config(cfg, method, stage=name, steps=total, seed=getattr(args, "seed", None),
+                                 lr=omni.get("lr"), warmup=omni.get("warmup")))  # steps: this stage's own
+    identity = run_identity(
+        {"model": dict(cfg.get("model", {})), "loop": loop_id, "omni": omni_id, "ssl": dict(ssl), "classes": classes,
+         "roi": roi, "batch_size": batch_size},
+        init=init,
+        data={**store_manifests(args.prep), **store_manifests(labelled_dirs, "labelled:"),
+              **store_manifests(pseudo_in, "pseudo:")},
+    )
+    if stage == "2":
+        switch = seed_stage2(init, out, identity, method)
+        total = switch + total
     lcfg = loop_config(cfg, method, stage=name, steps=total, seed=getattr(args, "seed", None),
                        lr=omni.get("lr"), warmup=omni.get("warmup"))
-    batch_size = int(getattr(args, "batch_size", None) or omni.get("batch_size") or pre.get("batch_size", 4))
-    workers = int(pre.get("num_workers", 0)) if getattr(args, "num_workers", None) is None else int(args.num_workers)
 
     seed_everything(lcfg.seed)
     net, teacher = build_omni(cfg, method, ssl, len(classes))
@@ -299,7 +341,7 @@ def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
     pseudo = None
     pseudo_info: dict[str, Any] = {}
     if stage == "2" and not online:
-        dirs = pseudo_dirs(args.pseudo or out.parent / "pseudo")
+        dirs = pseudo_in
         pseudo_info = {"dirs": [str(d) for d in dirs], "volumes": 0}
         try:
             pool = labelled_pool(dirs, len(classes))
@@ -328,7 +370,7 @@ def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
     result = train(
         net, step, batches, lcfg, out, ema=teacher, after_step=after_step,
         extra_state={"online_teacher": online_teacher} if online_teacher is not None else None,
-        run_config=run_config, crops_per_step=n_crops,
+        run_config=run_config, identity=identity, finish=False, crops_per_step=n_crops,
         progress_title=f"omni {name} ({method}, {model_settings(cfg)['name']})", chance=1.0 / int(ssl["grid"]) ** 2,
     )
     if dist.is_main():
@@ -354,5 +396,6 @@ def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
             "pseudo_final": mean("pseudo"), "pretext_acc_final": mean("acc"), "train_time_s": recs[-1].get("time")
             if recs else None,
         })
+        finish_run(out)  # final.pt, backbone.pt and summary.json exist: the resumable checkpoint can go
     dist.barrier()
     return 0

@@ -6,7 +6,7 @@ classes here; AbdomenAtlas' 25 when its cards map there), trained with Dice over
 partial labels are used and the loss covers only the classes that source annotates (the masking of SuPreM's
 predecessor); ``vocomni`` trains on the curated complete labels instead. Writes ``final.pt`` (the loop's
 checkpoint, stage ``suprem``), ``backbone.pt`` (state dict for fine-tuning; the head is not transferred) and
-``summary.json``.
+``summary.json``; the resumable ``last.pt`` stays until all three exist.
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ def suprem_step(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str
 
 def run_suprem(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
     """``voco pretrain --method suprem --prep <labelled source stores> --out runs/pretrain/<run>/suprem``."""
+    from dataclasses import asdict
+
     from voco.io import write_json
     from voco.models import MIN_SIDE, build_model
     from voco.omni.curation import open_sources
     from voco.omni.stage import LabelledBatches, PoolSource
     from voco.omni.stages import labelled_pool
     from voco.train import distributed as dist
-    from voco.train.checkpoint import seed_everything
+    from voco.train.checkpoint import finish_run, run_identity, seed_everything, store_manifests
     from voco.train.loop import LoopConfig, train
     from voco.train.progress import read_metrics
 
@@ -65,6 +67,7 @@ def run_suprem(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
         dirs = list(args.labelled or [pre.get("omni", {}).get("labelled") or Path(cfg["paths"]["data"]) / "vocomni"])
         pool = labelled_pool(dirs, len(classes))
         data = {str(d): "all" for d in dirs}
+    label_dirs = [] if sp.get("labels", "sources") == "sources" else dirs
     lcfg = LoopConfig.from_mapping(
         {"lr": sp["lr"], "weight_decay": sp["weight_decay"], "warmup": sp["warmup"],
          **{k: pre[k] for k in ("amsgrad", "grad_clip", "amp", "checkpoint_every", "log_every") if k in pre}},
@@ -80,8 +83,13 @@ def run_suprem(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
     if dist.is_main():
         log.info("SuPreM: %s (%s) on %d labelled volumes %s, %d crops of %s per step, %d steps", name, size, len(pool),
                  data, crops, roi, lcfg.steps)
-    result = train(model, suprem_step, batches, lcfg, out, run_config=dict(cfg), crops_per_step=crops,
-                   progress_title=f"SuPreM supervised pre-training ({name})")
+    identity = run_identity(
+        {"model": {"name": name, "size": size, "feature_size": feature_size, **kwargs}, "suprem": sp,
+         "loop": asdict(lcfg), "classes": classes, "roi": roi},
+        data={**store_manifests(args.prep), **store_manifests(label_dirs, "labelled:")},
+    )
+    result = train(model, suprem_step, batches, lcfg, out, run_config=dict(cfg), identity=identity, finish=False,
+                   crops_per_step=crops, progress_title=f"SuPreM supervised pre-training ({name})")
     if dist.is_main():
         from voco.models.record import backbone_meta, save_model
 
@@ -99,5 +107,6 @@ def run_suprem(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
             "loss_final": float(np.mean([r["total"] for r in tail])) if tail else None,
             "train_time_s": recs[-1].get("time") if recs else None,
         })
+        finish_run(out)  # final.pt, backbone.pt and summary.json exist: the resumable checkpoint can go
     dist.barrier()
     return 0

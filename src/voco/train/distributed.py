@@ -1,13 +1,22 @@
-"""DDP helpers: process-group set-up from ``torchrun`` environment variables, rank queries, reductions, re-exec.
+"""DDP helpers: process-group set-up from ``torchrun`` environment variables, rank queries, reductions, re-exec,
+device choice.
 
 Single-process runs need nothing: every helper degrades to the obvious value (rank 0, world size 1).
+
+Launchers (:func:`relaunch`): one node = ``torchrun --standalone --nproc_per_node=N``; several nodes of a SLURM
+allocation = ``srun`` (one task per node, inside the job's allocation) starting ``torchrun --nnodes=M`` on each node,
+with a c10d rendezvous on the allocation's first node. The same path runs with one node (``--nodes 1``). torchrun
+forwards SIGTERM / SIGUSR1 to the workers and waits :data:`SHUTDOWN_TIMEOUT_S` for their checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
@@ -120,12 +129,131 @@ def resolve_nproc(nproc: str | int | None) -> int:
     return max(1, int(nproc))
 
 
-def torchrun_command(nproc: int, argv: Sequence[str], module: str = "voco.cli") -> list[str]:
-    """The command that re-runs ``python -m <module> <argv>`` under ``torchrun --standalone`` on one node."""
+#: signals torchrun forwards to its workers (the defaults + SIGUSR1, a common SLURM warning signal)
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+#: seconds torchrun waits for workers to finish their step and checkpoint before SIGKILL
+SHUTDOWN_TIMEOUT_S = 55
+
+
+def torchrun_command(
+    nproc: int,
+    argv: Sequence[str],
+    module: str = "voco.cli",
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str | None = None,
+) -> list[str]:
+    """The command that re-runs ``python -m <module> <argv>`` under torchrun.
+
+    Without ``rdzv_endpoint``: ``--standalone`` on this node. With it: ``--nnodes`` nodes meeting at a c10d rendezvous
+    on ``host:port`` (each node runs this same command).
+    """
     launcher = [sys.executable, "-m", "torch.distributed.run"]
     if shutil.which("torchrun") and os.path.dirname(shutil.which("torchrun") or "") == os.path.dirname(sys.executable):
         launcher = [str(shutil.which("torchrun"))]
-    return [*launcher, "--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv]
+    opts = [f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}"]
+    if rdzv_endpoint is None:
+        opts += ["--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        opts += [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+                 f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id or 'voco'}"]
+    return [*launcher, *opts, "-m", module, *argv]
+
+
+def _scontrol(*args: str) -> str:
+    from voco.errors import ConfigError
+
+    if shutil.which("scontrol") is None:
+        raise ConfigError("--nodes needs SLURM's scontrol on PATH (run inside a SLURM job)")
+    r = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise ConfigError(f"scontrol {' '.join(args)} failed: {r.stderr.strip()[:300]}")
+    return r.stdout
+
+
+def _fields(record: str) -> dict[str, str]:
+    """``Key=Value`` pairs of one ``scontrol show -o`` record."""
+    return dict(m.groups() for m in re.finditer(r"(\w+(?:/\w+)?)=(\S*)", record))
+
+
+def slurm_allocation(job_id: str | None = None) -> dict[str, object]:
+    """The current SLURM job's nodes, CPUs per node, GPUs per node and the first node's address.
+
+    Read with ``scontrol`` (the Snakemake job-step executor strips most ``SLURM_*`` variables from a job's
+    environment; ``SLURM_JOB_ID`` stays).
+    """
+    from voco.errors import ConfigError
+
+    job_id = job_id or os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        raise ConfigError("--nodes N launches through srun inside a SLURM allocation, but SLURM_JOB_ID is not set; "
+                          "without SLURM use --nodes 0 (this node only)")
+    job = _fields(_scontrol("show", "job", "-o", str(job_id)))
+    hosts = [h for h in _scontrol("show", "hostnames", job.get("NodeList", "")).split() if h]
+    if not hosts:
+        raise ConfigError(f"SLURM job {job_id}: no nodes in its allocation ({job.get('NodeList')!r})")
+    node = _fields(_scontrol("show", "node", "-o", hosts[0]))
+    n_nodes = int(job.get("NumNodes", len(hosts)).split("-")[0])
+    cpus = int(job.get("NumCPUs", "1"))
+    gpus = 0
+    m = re.search(r"gres/gpu(?::\w+)?=(\d+)", job.get("TRES", "") or job.get("AllocTRES", ""))
+    if m:
+        gpus = int(m.group(1)) // max(1, n_nodes)
+    return {"job_id": str(job_id), "hosts": hosts, "nodes": n_nodes, "cpus_per_node": max(1, cpus // max(1, n_nodes)),
+            "gpus_per_node": gpus, "head": node.get("NodeAddr") or hosts[0]}
+
+
+def rendezvous_port(job_id: str) -> int:
+    """A port for the c10d rendezvous, fixed per SLURM job (two jobs on one head node do not collide)."""
+    return 20000 + int(re.sub(r"\D", "", str(job_id)) or 0) % 20000
+
+
+def srun_command(nodes: int, nproc: int, argv: Sequence[str], alloc: dict[str, object]) -> list[str]:
+    """``srun`` inside the current allocation: one torchrun per node, all meeting on the first node (c10d).
+
+    ``--overlap``: the job's first step (the Snakemake job step that runs this command) keeps its resources; the
+    torchrun step shares them. ``--kill-on-bad-exit``: one failed node stops the others.
+    """
+    from voco.errors import ConfigError
+
+    if nodes > int(alloc["nodes"]):  # type: ignore[arg-type]
+        raise ConfigError(f"--nodes {nodes}, but SLURM job {alloc['job_id']} has {alloc['nodes']} node(s): "
+                          "give the rule the `nodes` resource (the profile's set-resources)")
+    job_id = str(alloc["job_id"])
+    cmd = ["srun", f"--jobid={job_id}", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
+           f"--cpus-per-task={alloc['cpus_per_node']}", "--mem=0", "--kill-on-bad-exit=1"]
+    if int(alloc["gpus_per_node"]):  # type: ignore[arg-type]
+        cmd.append(f"--gpus-per-node={alloc['gpus_per_node']}")
+    endpoint = f"{alloc['head']}:{rendezvous_port(job_id)}"
+    return [*cmd, *torchrun_command(nproc, argv, nnodes=nodes, rdzv_endpoint=endpoint, rdzv_id=f"voco-{job_id}")]
+
+
+def _run_forwarding_signals(cmd: Sequence[str]) -> int:
+    """Run ``cmd``; SIGTERM / SIGUSR1 sent to this process are passed on to it. Returns its exit status, or
+    :data:`voco.errors.EXIT_INTERRUPTED` when a stop signal arrived and the workers stopped (checkpointed) on it."""
+    from voco.errors import EXIT_INTERRUPTED
+
+    proc = subprocess.Popen(list(cmd))
+    got: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        got.append(signum)
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if rc != 0 and got:
+        log.warning("workers stopped on %s (launcher exit status %d): interrupted, resumable",
+                    signal.Signals(got[0]).name, rc)
+        return EXIT_INTERRUPTED
+    return rc
 
 
 def relaunch_under_torchrun(nproc: int, argv: Sequence[str]) -> int:
@@ -134,8 +262,67 @@ def relaunch_under_torchrun(nproc: int, argv: Sequence[str]) -> int:
     Call only when ``nproc > 1`` and not already under torchrun. ``argv`` is the ``voco`` argument list (without the
     program name); the workers see torchrun's environment, so the same ``--nproc`` flag does not relaunch again.
     """
-    import subprocess
-
     cmd = torchrun_command(nproc, argv)
     log.info("launching %d DDP processes: %s", nproc, " ".join(cmd))
-    return subprocess.call(cmd)
+    return _run_forwarding_signals(cmd)
+
+
+def relaunch_under_srun(nodes: int, nproc: int, argv: Sequence[str]) -> int:
+    """Run the same CLI call on ``nodes`` nodes of the current SLURM allocation x ``nproc`` processes each (srun +
+    torchrun, c10d rendezvous on the first node); returns the exit status."""
+    alloc = slurm_allocation()
+    cmd = srun_command(nodes, nproc, argv, alloc)
+    log.info("launching %d node(s) x %d DDP process(es) in SLURM job %s (head %s): %s", nodes, nproc,
+             alloc["job_id"], alloc["head"], " ".join(cmd))
+    return _run_forwarding_signals(cmd)
+
+
+def cpu_count() -> int:
+    """CPUs this process may use: SLURM_CPUS_PER_TASK in a SLURM step, else the CPU affinity mask, else os.cpu_count."""
+    env = os.environ.get("SLURM_CPUS_PER_TASK")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(value: int | str | None) -> int:
+    """DataLoader workers: an int as given; ``auto`` = the CPUs of this job shared by the processes of this node,
+    one left to the training process itself (``max(0, cpus / local processes - 1)``)."""
+    from voco.errors import ConfigError
+
+    if value is None:
+        return 0
+    if str(value) == "auto":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        return max(0, cpu_count() // max(1, local) - 1)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"num_workers must be an integer >= 0 or 'auto', got {value!r}") from None
+    if n < 0:
+        raise ConfigError(f"num_workers must be >= 0, got {n}")
+    return n
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def select_device(name: str | None = "auto") -> torch.device:
+    """``--device`` value -> torch device: ``auto`` = ``cuda:LOCAL_RANK`` when a GPU is visible, else CPU; ``cuda``
+    without a visible GPU is an error (a GPU job that lost its GPU should fail, not crawl on CPU)."""
+    from voco.errors import ConfigError
+
+    name = (name or "auto").lower()
+    if name not in DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank() % max(torch.cuda.device_count(), 1))
+    if name == "cuda":
+        raise ConfigError("--device cuda, but no CUDA GPU is visible to this job "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use --device auto|cpu")
+    return torch.device("cpu")

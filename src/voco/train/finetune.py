@@ -5,11 +5,17 @@ of a seeded permutation for label efficiency), builds the model of the config's 
 classes, transfers the init's weights by name and shape (``transfer.json``), trains with the shared loop
 (:mod:`voco.train.loop`) and writes, in the run folder:
 
-* ``final.pt`` (the loop's resumable checkpoint), ``metrics.jsonl``, ``progress.png``;
+* ``metrics.jsonl``, ``progress.png`` (the loop's training curves);
 * ``model.pt``: a self-describing model file (:mod:`voco.models.record`: weights, architecture, labels, the
   pre-processing and inference settings), what ``voco evaluate`` / ``predict`` / ``export`` load (:mod:`voco.runs`);
-* ``run.json``: everything ``voco evaluate`` and ``voco report`` need (ids, classes, ROI, times, the init's source);
+* ``run.json``: everything ``voco evaluate`` and ``voco report`` need (ids, classes, ROI, times, the init's source and
+  checksum, the run's identity);
 * ``transfer.json``: loaded / skipped / mismatched / adapted tensors (empty lists for ``scratch``).
+
+While it trains, the folder also holds the loop's resumable ``last.pt`` / ``previous.pt`` / ``final.pt``; they are
+removed once the files above all exist, so a finished run folder holds exactly the rule's outputs. A run whose
+``run.json`` records the same identity (settings, init checksum, data) is not redone; a checkpoint or run of another
+identity (e.g. the init was re-trained) is never reused: the run starts afresh and says what differs.
 """
 
 from __future__ import annotations
@@ -322,9 +328,20 @@ def augment(
     return torch.stack(xs), (torch.stack(ys) if y is not None else None)
 
 
-def segmentation_batches(store: Any, ids: list[str], params: dict, seed: int):
-    """Batch factory for the loop: each batch = ``batch_size`` cases x ``samples_per_volume`` pos/neg crops."""
+def _stack_crops(items: list[dict]) -> dict[str, torch.Tensor]:
+    return {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items])}
+
+
+def segmentation_batches(store: Any, ids: list[str], params: dict, seed: int, num_workers: int = 0):
+    """Batch factory for the loop: each batch = ``batch_size`` cases x ``samples_per_volume`` pos/neg crops.
+
+    Crops are drawn by a DataLoader with ``num_workers`` worker processes (0: in the training process); a crop is a
+    function of (seed, epoch, index), so the batches are the same whatever the number of workers (exact resume).
+    """
+    from torch.utils.data import DataLoader
+
     from voco.data.loading import CropDataset
+    from voco.train import preempt
 
     roi = tuple(params["roi"])
     ds = CropDataset(store, roi, ids=ids, label="label", pos_neg=tuple(params["pos_neg"]),
@@ -334,12 +351,15 @@ def segmentation_batches(store: Any, ids: list[str], params: dict, seed: int):
     spv = int(params["samples_per_volume"])
 
     def batches(epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        ds.set_epoch(epoch)
+        ds.set_epoch(epoch)  # before the loader's iterator exists: its workers get a copy of the dataset
         order = np.random.default_rng([seed, epoch]).permutation(n)
         groups = [order[i : i + b] for i in range(0, n - b + 1, b)]
-        for grp in groups[start:]:
-            items = [ds[int(c) + k * n] for c in grp for k in range(spv)]
-            yield {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items])}
+        index_batches = [[int(c) + k * n for c in grp for k in range(spv)] for grp in groups[start:]]
+        if not index_batches:
+            return
+        yield from DataLoader(ds, batch_sampler=index_batches, num_workers=num_workers, collate_fn=_stack_crops,
+                              pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                              worker_init_fn=preempt.ignore_in_worker)  # the training process handles SIGTERM
 
     return batches
 
@@ -402,9 +422,19 @@ def finetune(
     seed: int = 0,
     init_path: str | None = None,
     steps: int | None = None,
+    device: str | torch.device | None = None,
+    num_workers: int | str | None = None,
 ) -> dict:
-    """Fine-tune one run; returns its ``run.json`` record. See the module docstring for the files written."""
+    """Fine-tune one run; returns its ``run.json`` record. See the module docstring for the files written.
+
+    ``device``: ``auto`` (default: the GPU when one is visible, with AMP) | ``cpu`` | ``cuda``. ``num_workers``: crop
+    loader workers (default ``finetune.num_workers``; ``auto`` = the job's CPUs).
+    """
+    from dataclasses import asdict
+
     from voco.models.record import model_meta, preprocess_record, save_model
+    from voco.train import distributed as dist
+    from voco.train.checkpoint import finish_run, prepare_run_dir, run_identity
     from voco.train.loop import LoopConfig, train
     from voco.train.medcontext import EmaTeacher, block_mask, cosine_momentum
 
@@ -432,19 +462,29 @@ def finetune(
     first = store.load(train_ids[0])
     in_ch = 1 if first.image.ndim == 3 else int(first.image.shape[0])
     arch = {**model_spec(cfg), "task": task, "in_channels": in_ch, "out_channels": num_classes(card)}
+    device = dist.select_device(device if isinstance(device, str) or device is None else str(device.type))
+    workers = dist.resolve_num_workers(params.get("num_workers", 0) if num_workers is None else num_workers)
+    loop_cfg = LoopConfig.from_mapping(
+        params, steps=params["steps"], warmup=params["warmup_steps"], amsgrad=False, seed=seed,
+        stage="finetune", method=method,
+    )
+    identity = run_identity(
+        {"finetune": params, "loop": asdict(loop_cfg), "arch": arch, "dataset": card["id"], "task": task,
+         "labels": {str(k): v for k, v in (card.get("labels") or {}).items()}, "init": init, "method": method,
+         "n_train": "all" if n_train is None else int(n_train), "train_ids": train_ids},
+        init=ckpt, data={"store": Path(store.root) / "manifest.parquet"},
+    )
+    done = _finished_record(out, identity)
+    if done is not None:
+        log.info("%s: fine-tuning run already complete with these settings and init: nothing to do", out)
+        return done
+    prepare_run_dir(out, identity, "finetune", method)  # afresh: removes the files of an earlier run
     torch.manual_seed(seed)
     net = build_network(arch)
     transfer = transfer_init(net, arch, ckpt, params)
     transfer["init"] = init
     write_json(out / "transfer.json", transfer)
 
-    from voco.train import distributed as dist
-
-    device = dist.default_device()
-    loop_cfg = LoopConfig.from_mapping(
-        params, steps=params["steps"], warmup=params["warmup_steps"], amsgrad=False, seed=seed,
-        stage="finetune", method=method,
-    )
     spv = int(params["samples_per_volume"])
     ema, after_step, crops = None, None, int(params["batch_size"]) * spv
     if task == "classification":
@@ -460,7 +500,7 @@ def finetune(
                     "acc": (logits.argmax(1) == batch["class"]).float().mean()}
     elif method == "plain":
         model = net
-        batches = segmentation_batches(store, train_ids, params, seed)
+        batches = segmentation_batches(store, train_ids, params, seed, workers)
         seg_loss = dicece_loss()
 
         def step(m: nn.Module, batch: dict) -> dict:
@@ -475,7 +515,7 @@ def finetune(
         model = MedContextNet(net, in_ch).to(device)
         teacher = EmaTeacher(net)
         ema = teacher
-        batches = segmentation_batches(store, train_ids, params, seed)
+        batches = segmentation_batches(store, train_ids, params, seed, workers)
         seg_loss = dicece_loss()
         total_steps = int(params["steps"])
 
@@ -492,11 +532,13 @@ def finetune(
         def after_step(global_step: int, m: nn.Module) -> None:
             teacher.update(m.student, cosine_momentum(global_step, total_steps, float(mc["momentum"])))
 
+    log.info("fine-tuning on %s (AMP %s), %d crop loader workers", device, loop_cfg.amp, workers)
     t0 = time.perf_counter()
     result = train(
         model, step, batches, loop_cfg, out, ema=ema, after_step=after_step, crops_per_step=crops,
-        run_config={"finetune": params, "model": arch, "dataset": card["id"]}, device=device,
-        progress_title=f"{card['id']} {init}/{method} N={n_train or 'all'} seed {seed}",
+        run_config={"finetune": params, "model": arch, "dataset": card["id"]}, identity=identity, finish=False,
+        keep_files=("transfer.json",),
+        device=device, progress_title=f"{card['id']} {init}/{method} N={n_train or 'all'} seed {seed}",
     )
     wall = time.perf_counter() - t0
     bare = model.student if isinstance(model, MedContextNet) else model
@@ -516,22 +558,42 @@ def finetune(
         "eval_split": splits.eval_split, "arch": arch, "roi": list(params["roi"]), "steps": int(params["steps"]),
         "training_length": length,
         "labels": labels, "preprocess": preprocess,
-        "train_seconds": float(result.last.get("time", wall)) if result.last else _previous_seconds(out, wall),
-        "final": str(result.final), "model": str(out / "model.pt"),
+        "train_seconds": float(result.last.get("time", wall)) if result.last else _logged_seconds(out, wall),
+        "model": str(out / "model.pt"), "device": str(device),
+        "init_sha256": (identity.get("init") or {}).get("sha256"),
         "transfer": {**{k: len(transfer.get(k, [])) for k in ("loaded", "skipped", "mismatched", "adapted", "missing")},
                      "layout": transfer.get("layout"),
                      "encoder": {k: v for k, v in (transfer.get("encoder") or {}).items() if k != "missing"}},
+        "identity": identity,
     }
     write_json(out / "run.json", record)
+    finish_run(out, drop_final=True)  # every output exists: the resumable checkpoints can go
     log.info("fine-tuned %s %s/%s N=%s seed %d in %.1f s -> %s", card["id"], init, method,
              record["n_train"], seed, record["train_seconds"], out)
     return record
 
 
-def _previous_seconds(out: Path, default: float) -> float:
-    from voco.io import read_json
+#: what a finished fine-tuning run folder holds (the rule's outputs)
+RUN_OUTPUTS = ("model.pt", "run.json", "transfer.json", "metrics.jsonl", "progress.png")
 
+
+def _finished_record(out: Path, identity: dict) -> dict | None:
+    """The run.json of a complete run of this identity in ``out`` (every output present), else None."""
+    from voco.io import read_json
+    from voco.train.checkpoint import LAST, PREVIOUS
+
+    if not all((out / f).is_file() for f in RUN_OUTPUTS) or (out / LAST).exists() or (out / PREVIOUS).exists():
+        return None
     try:
-        return float(read_json(out / "run.json")["train_seconds"])
-    except (OSError, ValueError, KeyError):
-        return default
+        record = read_json(out / "run.json")
+    except (OSError, ValueError):
+        return None
+    return record if record.get("identity") == identity else None
+
+
+def _logged_seconds(out: Path, default: float) -> float:
+    """Training time of a run resumed from its finished checkpoint: the last metrics record's clock."""
+    from voco.train.progress import read_metrics
+
+    recs = read_metrics(out / "metrics.jsonl")
+    return float(recs[-1].get("time", default)) if recs else default

@@ -17,10 +17,17 @@ A stage supplies:
   (more stateful objects to checkpoint).
 
 The loop: AdamW + linear warmup + cosine, autocast (bf16 / fp16 + GradScaler) on CUDA and plain fp32 on CPU, DDP when
-the process group is initialised, atomic checkpoints every N steps (``last.pt``) and at the end (``final.pt``) with model,
-optimiser, scheduler, scaler, EMA, per-rank RNG states, data position and global step; exact resume from the newest of
-them; a tqdm bar on rank 0; ``metrics.jsonl`` (+ TensorBoard events) every step, ``progress.png`` and the DVC metrics /
-plots files (:mod:`voco.train.progress`) at every checkpoint.
+the process group is initialised, atomic checkpoints every N steps (``last.pt``, the one before kept as
+``previous.pt``) and at the end (``final.pt``) with model, optimiser, scheduler, scaler, EMA, per-rank RNG states, data
+position, global step and the run's identity; exact resume from the newest readable one whose identity matches the
+job's (else a fresh start that says what differs); a tqdm bar on rank 0; ``metrics.jsonl`` (+ TensorBoard events)
+every step, ``progress.png`` and the DVC metrics / plots files (:mod:`voco.train.progress`) at every checkpoint.
+
+Stop requests (SIGTERM / SIGUSR1, :mod:`voco.train.preempt`): the step in flight finishes, ``last.pt`` is written and
+:class:`voco.errors.Interrupted` is raised (the CLI exits 75); every DDP rank stops after the same step.
+
+Numerics: a step whose loss or gradient norm is not finite is skipped (with fp16 the GradScaler also lowers its
+scale); more than ``max_bad_steps`` skipped steps in a row fail the run loudly (VocoError), and no ``final.pt`` is written.
 """
 
 from __future__ import annotations
@@ -42,19 +49,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from voco.errors import CheckpointError, VocoError
+from voco.errors import Interrupted, VocoError
 from voco.train import distributed as dist
+from voco.train import preempt
 from voco.train.checkpoint import (
     FINAL,
     LAST,
+    PREVIOUS,
     capture_rng,
-    find_resume,
-    load_checkpoint,
+    finish_run,
+    link_or_copy,
+    normalise,
+    prepare_run_dir,
     restore_rng,
     save_checkpoint,
     seed_everything,
 )
-from voco.train.progress import MetricsLog, plot_progress, write_tracking
+from voco.train.progress import MetricsLog, plot_progress, restore_metrics, unpack_records, write_tracking
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +93,13 @@ class LoopConfig:
     amsgrad: bool = True
     schedule: str = "cosine"  # cosine (to 0 after warmup) | constant (after warmup)
     grad_clip: float | None = None
-    amp: str = "auto"  # auto: bf16 if the GPU supports it else fp16; CPU: always off
+    amp: str = "auto"  # auto: bf16 if the GPU supports it else fp16, off on CPU; bf16 / fp16: also on CPU (tests)
     checkpoint_every: int = 100
     seed: int = 0
     log_every: int = 10
     stage: str = "ssl"
     method: str = "voco"
-    max_bad_steps: int = 10  # consecutive non-finite gradient steps tolerated (skipped) before giving up
+    max_bad_steps: int = 10  # consecutive skipped steps (non-finite loss / gradients, fp16 overflow) before failing
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any], **overrides: Any) -> LoopConfig:
@@ -135,8 +146,12 @@ def lr_lambda(warmup: int, total: int, schedule: str = "cosine") -> Callable[[in
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``mode`` on ``device`` (None = full precision)."""
-    if device.type != "cuda" or mode == "off":
+    """The autocast dtype for ``mode`` on ``device`` (None = full precision).
+
+    ``auto``: bf16 where the GPU supports it, else fp16; full precision on CPU. ``bf16`` / ``fp16`` are honoured on
+    every device (CPU autocast is slow: the same code path, for tests). ``off``: full precision.
+    """
+    if mode == "off" or (device.type != "cuda" and mode == "auto"):
         return None
     if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
@@ -215,10 +230,13 @@ def train(
     after_step: Callable[[int, nn.Module], None] | None = None,
     extra_state: Mapping[str, Stateful] | None = None,
     run_config: Mapping[str, Any] | None = None,
+    identity: Mapping[str, Any] | None = None,
     crops_per_step: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     device: torch.device | None = None,
     resume: bool = True,
+    finish: bool = True,
+    keep_files: tuple[str, ...] = (),
     find_unused_parameters: bool = False,
     progress_title: str = "",
     chance: float | None = None,
@@ -230,24 +248,68 @@ def train(
         step: ``step(model, batch) -> {"total": loss, ...}`` (scalar tensors); runs under autocast on CUDA.
         batches: batch factory, ``batches(epoch)`` or ``batches(epoch, start)``.
         cfg: LoopConfig.
-        out_dir: run folder (``last.pt``, ``final.pt``, ``metrics.jsonl``, ``progress.png``).
+        out_dir: run folder (``last.pt``, ``previous.pt``, ``final.pt``, ``metrics.jsonl``, ``progress.png``).
         ema: EMA teacher (checkpointed under ``"ema"``); update it in ``after_step``.
         after_step: ``after_step(global_step, model)`` after each optimiser step (model unwrapped from DDP).
         extra_state: name -> stateful object, checkpointed under ``"extra"``.
         run_config: resolved config stored in every checkpoint.
+        identity: what makes a checkpoint this run's (config values the job reads, init checksum, data); a checkpoint
+            recording another identity is not resumed: the run starts afresh, saying what differs. None: not checked.
         crops_per_step: crops (network inputs) one process uses per step, for ``crops_per_s``.
         optimizer: a custom optimiser over ``model``'s parameters (default AdamW from ``cfg``).
         device: default ``cuda:LOCAL_RANK`` if available, else CPU.
-        resume: continue from ``final.pt`` / ``last.pt`` in ``out_dir`` when present.
+        resume: continue from ``final.pt`` / ``last.pt`` / ``previous.pt`` in ``out_dir`` when present.
+        finish: drop ``last.pt`` / ``previous.pt`` once ``final.pt`` exists. False when the caller writes more outputs
+            (backbone.pt, summary.json ...): it calls :func:`voco.train.checkpoint.finish_run` when they all exist, so
+            a job that dies in between resumes at its last step.
+        keep_files: run-folder files the caller wrote for this run before training (kept on a fresh start, when
+            every other file of :data:`voco.train.checkpoint.RUN_FILES` is removed).
         find_unused_parameters: passed to DDP (avoid by freezing unused parameters).
         progress_title: title of ``progress.png``.
         chance: drawn as a reference line on the accuracy panel (e.g. 1/9).
     Returns:
         TrainResult with the path of ``final.pt``.
     Raises:
-        CheckpointError: the run folder holds a checkpoint of another stage / method, or an unreadable one.
+        CheckpointError: the run folder holds a checkpoint of another stage / method.
+        Interrupted: SIGTERM / SIGUSR1 arrived; ``last.pt`` holds the last completed step.
+        VocoError: more than ``cfg.max_bad_steps`` consecutive steps were skipped (loss / gradients not finite).
     """
-    out = Path(out_dir)
+    with preempt.stop_on_signals():
+        return _train(model, step, batches, cfg, Path(out_dir), ema=ema, after_step=after_step,
+                      extra_state=extra_state, run_config=run_config, identity=identity,
+                      crops_per_step=crops_per_step, optimizer=optimizer, device=device, resume=resume, finish=finish,
+                      keep_files=keep_files, find_unused_parameters=find_unused_parameters,
+                      progress_title=progress_title, chance=chance)
+
+
+def _stop_requested(device: torch.device) -> bool:
+    """Whether any rank received a stop signal (one small collective under DDP)."""
+    flag = {"stop": 1.0 if preempt.requested() else 0.0}
+    return dist.all_reduce_mean(flag, device)["stop"] > 0
+
+
+def _train(
+    model: nn.Module,
+    step: StepFn,
+    batches: BatchFactory,
+    cfg: LoopConfig,
+    out: Path,
+    *,
+    ema: Stateful | None,
+    after_step: Callable[[int, nn.Module], None] | None,
+    extra_state: Mapping[str, Stateful] | None,
+    run_config: Mapping[str, Any] | None,
+    identity: Mapping[str, Any] | None,
+    crops_per_step: int | None,
+    optimizer: torch.optim.Optimizer | None,
+    device: torch.device | None,
+    resume: bool,
+    finish: bool,
+    keep_files: tuple[str, ...],
+    find_unused_parameters: bool,
+    progress_title: str,
+    chance: float | None,
+) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     device = device or dist.default_device()
     rank, world = dist.rank(), dist.world_size()
@@ -260,23 +322,18 @@ def train(
     opt = optimizer or torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps, cfg.schedule))
     dtype = amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    identity = normalise(identity) if identity is not None else None
 
     start, epoch, offset, elapsed_before = 0, 0, 0, 0.0
-    state = None
-    ckpt_path = find_resume(out) if resume else None
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path)
-        for key in ("stage", "method"):
-            if state.get(key) not in (None, "", getattr(cfg, key)):
-                raise CheckpointError(
-                    f"{ckpt_path}: checkpoint of {key} {state.get(key)!r}, this run is {getattr(cfg, key)!r}; "
-                    "use another --out folder or delete it"
-                )
+    saved_metrics: list[dict[str, Any]] = []
+    ckpt_path, state = prepare_run_dir(out, identity, cfg.stage, cfg.method, resume=resume, keep=keep_files)
+    if state is not None:
+        saved_metrics = unpack_records(state.get("metrics")) if rank == 0 else []
         _bare(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
+        if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
@@ -291,10 +348,23 @@ def train(
     else:
         seed_everything(cfg.seed + rank)
 
-    if start >= cfg.steps and ckpt_path is not None and ckpt_path.name == FINAL:
+    if start >= cfg.steps and ckpt_path is not None:
         if main:
-            log.info("%s already complete (step %d >= %d): nothing to do", ckpt_path, start, cfg.steps)
+            if ckpt_path.name != FINAL:  # training was done; final.pt was lost (e.g. removed with a failed job)
+                link_or_copy(ckpt_path, out / FINAL)
+            # metrics.jsonl / progress.png removed with the outputs of a failed job: restored from the checkpoint
+            if restore_metrics(out / "metrics.jsonl", saved_metrics) or not (out / "progress.png").is_file():
+                plot_progress(out / "metrics.jsonl", out / "progress.png", title=progress_title, chance=chance)
+                write_tracking(out / "metrics.jsonl")
+            log.info("%s already complete (step %d >= %d): nothing to train", ckpt_path, start, cfg.steps)
+            if finish:
+                finish_run(out)
+        dist.barrier()
         return TrainResult(final=out / FINAL, step=start, resumed_from=start)
+
+    if _stop_requested(device):
+        raise Interrupted(preempt.requested() or "a stop signal (another rank)", start if state else None,
+                          ckpt_path)
 
     net: nn.Module = model
     if world > 1:
@@ -315,7 +385,8 @@ def train(
             seed_everything(cfg.seed + rank + 7919 * start)
         del state
 
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start) if main else None
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start, saved=saved_metrics) if main else None
+    del saved_metrics
     tty = sys.stderr.isatty()
     bar = tqdm(
         total=cfg.steps,
@@ -327,10 +398,11 @@ def train(
         file=sys.stderr,
     )
     t_run = time.perf_counter()
-    bad = 0
+    bad, first_bad = 0, 0
     last: dict[str, float] = {}
 
-    def checkpoint(name: str, global_step: int) -> None:
+    def checkpoint(global_step: int) -> Path:
+        """``last.pt`` at ``global_step`` (the one before becomes ``previous.pt``); rank 0 writes, all ranks wait."""
         rngs = dist.all_gather_object(capture_rng())
         if main:
             state_out = {
@@ -347,13 +419,16 @@ def train(
                 "method": cfg.method,
                 "loop": asdict(cfg),
                 "config": dict(run_config or {}),
+                "identity": identity,
                 "world_size": world,
                 "elapsed_s": elapsed_before + time.perf_counter() - t_run,
+                "metrics": metrics.packed() if metrics is not None else None,  # metrics.jsonl up to this step
             }
-            save_checkpoint(out / name, state_out)
+            save_checkpoint(out / LAST, state_out, previous=out / PREVIOUS)
             plot_progress(out / "metrics.jsonl", out / "progress.png", title=progress_title, chance=chance)
             write_tracking(out / "metrics.jsonl")
         dist.barrier()
+        return out / LAST
 
     try:
         for global_step in range(start + 1, cfg.steps + 1):
@@ -366,18 +441,29 @@ def train(
                 outputs = step(net, batch)
             if "total" not in outputs:
                 raise VocoError("train: the step function must return a dict with a 'total' loss")
-            scaler.scale(outputs["total"]).backward()
+            loss = outputs["total"]
+            finite_loss = bool(torch.isfinite(loss.detach()).all())
+            scaler.scale(loss).backward()
             scaler.unscale_(opt)
             max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if torch.isfinite(grad_norm):
+            # DDP: gradients are all-reduced, so a non-finite loss on one rank makes the gradient norm non-finite on all
+            if torch.isfinite(grad_norm) and (finite_loss or world > 1):
                 scaler.step(opt)
                 bad = 0
             else:
                 bad += 1
-                if not scaler.is_enabled() and bad > cfg.max_bad_steps:
-                    raise VocoError(f"train: {bad} consecutive steps with non-finite gradients (step {global_step})")
-                log.warning("step %d: non-finite gradient norm, optimiser step skipped", global_step)
+                first_bad = first_bad if bad > 1 else global_step
+                amp_note = f"; fp16 loss scale {scaler.get_scale():.3g}" if scaler.is_enabled() else ""
+                if bad > cfg.max_bad_steps:
+                    raise VocoError(
+                        f"train: {bad} consecutive steps skipped (steps {first_bad}-{global_step}: loss "
+                        f"{float(loss.detach().float()):.4g}, gradient norm {float(grad_norm):.4g}{amp_note}) > "
+                        f"max_bad_steps {cfg.max_bad_steps}: the run diverged and {out / FINAL} was not written. "
+                        "Lower the learning rate, train with amp bf16 or off, or resume from an earlier checkpoint"
+                    )
+                log.warning("step %d: loss %.4g, gradient norm %.4g not finite%s: optimiser step skipped (%d in a row)",
+                            global_step, float(loss.detach().float()), float(grad_norm), amp_note, bad)
             scaler.update()
             lr_used = opt.param_groups[0]["lr"]
             sched.step()
@@ -387,7 +473,9 @@ def train(
 
             values = {k: s for k, v in outputs.items() if (s := _scalar(v)) is not None}
             values["grad_norm"] = float(grad_norm)
+            values["_stop"] = 1.0 if preempt.requested() else 0.0  # all-reduced with the metrics: one collective
             values = dist.all_reduce_mean(values, device)
+            stop = values.pop("_stop") > 0
             if main:
                 rec: dict[str, Any] = {"step": global_step, "epoch": stream.epoch}
                 rec.update(values)
@@ -404,15 +492,27 @@ def train(
                 if not tty and (global_step % cfg.log_every == 0 or global_step == cfg.steps):
                     terms = " ".join(f"{k}={v:.4g}" for k, v in values.items())
                     log.info("step %d/%d %s lr=%.3g %.2fs/step", global_step, cfg.steps, terms, rec["lr"], step_s)
-            if global_step % cfg.checkpoint_every == 0 and global_step < cfg.steps:
-                checkpoint(LAST, global_step)
-        checkpoint(FINAL, cfg.steps)
+            if stop and global_step < cfg.steps:
+                path = checkpoint(global_step)
+                waited = preempt.seconds_since_request()
+                if main:
+                    log.warning("stop requested (%s%s): checkpoint %s at step %d / %d written; exiting with status "
+                                "75 (interrupted, resumable)", preempt.requested() or "another rank",
+                                f", {waited:.1f} s ago" if waited is not None else "", path, global_step, cfg.steps)
+                raise Interrupted(preempt.requested() or "a stop signal (another rank)", global_step, path)
+            if global_step % cfg.checkpoint_every == 0 and global_step < cfg.steps and not bad:
+                checkpoint(global_step)  # not inside a run of skipped steps: last.pt keeps the last good state
+        # the finished state: last.pt (kept until the caller's outputs are complete), final.pt the same file
+        path = checkpoint(cfg.steps)
+        if main:
+            link_or_copy(path, out / FINAL)
+        dist.barrier()
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
-    if main and (out / LAST).exists():
-        (out / LAST).unlink()
+    if main and finish:
+        finish_run(out)
     wall = time.perf_counter() - t_run
     if main:
         log.info("finished %d steps in %.1f s -> %s", cfg.steps - start, wall, out / FINAL)

@@ -5,7 +5,8 @@ crops, ``sw`` random crops and their overlap position labels (``voco.ssl.crops``
 pooled-encoder embedding -> feature dropout -> projector; the teacher is an EMA projector (``voco``: its own init,
 momentum 0.9, the backbone shared) or an EMA copy of the whole student (``voco-v1``). Logged per step: loss terms and
 pretext position accuracy. Writes ``final.pt`` (full training checkpoint), ``backbone.pt`` (backbone state dict in
-MONAI SwinUNETR / our naming, for downstream), ``metrics.jsonl``, ``progress.png``, ``summary.json``.
+MONAI SwinUNETR / our naming, for downstream), ``metrics.jsonl``, ``progress.png``, ``summary.json``; ``last.pt`` (the
+resumable checkpoint) stays until all of them exist.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from voco.errors import ConfigError, DataError
 from voco.io import write_json
 from voco.models import MIN_SIDE, build_model, freeze_decoder
 from voco.train import distributed as dist
-from voco.train.checkpoint import seed_everything
+from voco.train import preempt
+from voco.train.checkpoint import finish_run, run_identity, seed_everything, store_manifests
 from voco.train.loop import LoopConfig, train
 from voco.train.progress import read_metrics
 from voco.train.settings import VOCO_DEFAULTS, ssl_settings  # noqa: F401 - re-exported (stages import them here)
@@ -155,6 +157,7 @@ class SSLBatches:
             num_workers=self.num_workers,
             collate_fn=collate_views,
             generator=gen,
+            worker_init_fn=preempt.ignore_in_worker,  # the training process handles SIGTERM / SIGUSR1
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
@@ -260,6 +263,25 @@ def save_backbone(student: SSLNet, path: str | os.PathLike[str], meta: Mapping[s
     return save_model(path, student.backbone.state_dict(), meta or {})
 
 
+def loader_workers(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
+    """DataLoader workers: ``--num-workers``, else ``pretrain.num_workers`` (an int, or ``auto``: the job's CPUs)."""
+    value = getattr(args, "num_workers", None)
+    return dist.resolve_num_workers(cfg.get("pretrain", {}).get("num_workers", 0) if value is None else value)
+
+
+def ssl_identity(
+    cfg: Mapping[str, Any], method: str, ssl: Mapping[str, Any], lcfg: LoopConfig, batch_size: int, prep: Sequence[Any]
+) -> dict[str, Any]:
+    """What makes two SSL runs the same run: model, effective loop and SSL settings, batch, the stores' manifests."""
+    from dataclasses import asdict
+
+    return run_identity(
+        {"model": dict(cfg.get("model", {})), "loop": asdict(lcfg), "ssl": dict(ssl), "batch_size": batch_size,
+         "method": method},
+        data=store_manifests(prep),
+    )
+
+
 def run_ssl(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
     """``voco pretrain --method voco|voco-v1``: pre-train, then write backbone.pt and summary.json."""
     method = args.method
@@ -268,7 +290,7 @@ def run_ssl(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
     ssl = ssl_settings(cfg, method)
     lcfg = loop_config(cfg, method, steps=args.steps, seed=getattr(args, "seed", None))
     batch_size = int(getattr(args, "batch_size", None) or pre.get("batch_size", 4))
-    workers = int(pre.get("num_workers", 0)) if getattr(args, "num_workers", None) is None else int(args.num_workers)
+    workers = loader_workers(cfg, args)
 
     seed_everything(lcfg.seed)
     student, teacher = build_ssl(cfg, method, ssl)
@@ -306,7 +328,7 @@ def run_ssl(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
             regions[v.region] = regions.get(v.region, 0) + 1
         log.info(
             "pre-training %s: %d volumes %s, model %s (embed %d), B=%d x %d process(es), %d crops/step/process, "
-            "%d steps, device %s",
+            "%d steps, device %s, %d loader workers",
             method,
             len(volumes),
             regions,
@@ -317,6 +339,7 @@ def run_ssl(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
             n_crops,
             lcfg.steps,
             device,
+            workers,
         )
 
     def after_step(_step: int, model: nn.Module) -> None:
@@ -331,6 +354,8 @@ def run_ssl(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
         ema=teacher,
         after_step=after_step,
         run_config=dict(cfg),
+        identity=ssl_identity(cfg, method, ssl, lcfg, batch_size, args.prep),
+        finish=False,
         crops_per_step=n_crops,
         progress_title=f"VoCo pre-training ({method}, {cfg.get('model', {}).get('name')})",
         chance=1.0 / int(ssl["grid"]) ** 2,
@@ -342,6 +367,7 @@ def run_ssl(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
             cfg.get("model", {}), 2, args.prep, training={"stage": "ssl", "method": method, "steps": result.step,
                                                      "crop": int(ssl["roi"]), "grid": int(ssl["grid"])}))
         write_json(out / "summary.json", summarize(out, method, cfg, ssl, batch_size, volumes, result.wall_s))
+        finish_run(out)  # final.pt, backbone.pt and summary.json exist: the resumable checkpoint can go
     dist.barrier()
     return 0
 

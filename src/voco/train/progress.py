@@ -20,8 +20,11 @@ import json
 import logging
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from voco.io import atomic_path
 
@@ -51,26 +54,46 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 class MetricsLog:
     """Append-only ``metrics.jsonl``; on resume, records after the checkpoint's step are dropped (they are redone).
 
-    With ``tensorboard`` (default), every record also goes to TensorBoard event files in the same folder.
+    With ``tensorboard`` (default), every record also goes to TensorBoard event files in the same folder. The records
+    also travel inside every checkpoint (:meth:`packed`): a job whose ``metrics.jsonl`` was removed with its other
+    outputs (Snakemake does so when a job fails or is pre-empted) gets it back on resume.
     """
 
-    def __init__(self, path: str | os.PathLike[str], resume_step: int = 0, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        resume_step: int = 0,
+        saved: list[dict[str, Any]] | None = None,
+        tensorboard: bool = True,
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= resume_step] if resume_step else []
+        from_ckpt = [r for r in (saved or []) if int(r.get("step", 0)) <= resume_step] if resume_step else []
+        if len(from_ckpt) > len(kept):
+            log.info("%s: %d of %d records restored from the checkpoint", self.path, len(from_ckpt) - len(kept),
+                     len(from_ckpt))
+            kept = from_ckpt
+        self._lines = [json.dumps(r) + "\n" for r in kept]
         with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.write_text("".join(self._lines))
         self._fh = self.path.open("a")
         self._tb = _summary_writer(self.path.parent, resume_step) if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, default=float) + "\n")
+        line = json.dumps(record, default=float) + "\n"
+        self._lines.append(line)
+        self._fh.write(line)
         self._fh.flush()
         if self._tb is not None and "step" in record:
             step = int(record["step"])
             for k, v in record.items():
                 if k not in ("step", "epoch") and _finite(v):
                     self._tb.add_scalar(f"train/{k}", float(v), step)
+
+    def packed(self) -> torch.Tensor:
+        """Every record so far, zlib-compressed, as a uint8 tensor (a weights-only checkpoint holds it)."""
+        return pack_records("".join(self._lines))
 
     def close(self) -> None:
         self._fh.close()
@@ -134,6 +157,29 @@ def write_tracking(metrics_path: str | os.PathLike[str]) -> tuple[Path, Path] | 
 
 def _cell(v: Any) -> str:
     return repr(float(v)) if _finite(v) else ""
+
+
+def pack_records(text: str) -> torch.Tensor:
+    blob = zlib.compress(text.encode(), 6)
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
+
+
+def unpack_records(packed: torch.Tensor | None) -> list[dict[str, Any]]:
+    """Inverse of :meth:`MetricsLog.packed` (an empty list for None / a checkpoint without records)."""
+    if packed is None or not isinstance(packed, torch.Tensor) or packed.numel() == 0:
+        return []
+    text = zlib.decompress(packed.numpy().tobytes()).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def restore_metrics(path: str | os.PathLike[str], saved: list[dict[str, Any]]) -> bool:
+    """Rewrite ``metrics.jsonl`` from a checkpoint's records when the file lacks some of them; True if rewritten."""
+    path = Path(path)
+    if len(read_metrics(path)) >= len(saved):
+        return False
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in saved))
+    return True
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
