@@ -6,6 +6,7 @@ No GPU here: the CUDA branches are the same functions with another device; what 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -110,7 +111,7 @@ def test_finetune_crop_loader_workers_give_the_same_batches(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_runs_on_the_chosen_device_with_a_progress_bar(tmp_path, capsys):
+def test_evaluate_runs_on_the_chosen_device_with_a_progress_bar(tmp_path, capsys, caplog):
     from test_finetune import _phantom_store
 
     from voco.cli import main as voco
@@ -128,9 +129,10 @@ def test_evaluate_runs_on_the_chosen_device_with_a_progress_bar(tmp_path, capsys
                  "--out", str(run), "--steps", "2", "--device", "auto", "--num-workers", "1"]) == 0
     assert json.loads((run / "run.json").read_text())["device"] == ("cuda:0" if HAS_CUDA else "cpu")
     capsys.readouterr()
+    caplog.set_level(logging.INFO)
     assert voco(["evaluate", "--dataset", "phantom_organs", "--run", str(run), "--prep", str(root / "prep"),
                  "--out", str(res), "--device", "cpu"]) == 0
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err + caplog.text  # a bar on a terminal, log lines otherwise (pytest holds the root logger)
     assert "evaluate phantom_organs" in err and "1/1" in err and "case" in err  # the bar over the cases
     assert json.loads((res / "summary.json").read_text())["device"] == "cpu"
     if not HAS_CUDA:

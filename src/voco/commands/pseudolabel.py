@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         classes = list(ckpt_cfg["vocomni"]["classes"])
         roi = list(omni.get("roi") or cfg["preprocess"]["roi"])
         store = Store(args.prep)
-        from voco.train.distributed import select_device
+        from voco.devices import select_device
 
         device = select_device(args.device)
         model.to(device)

@@ -248,8 +248,8 @@ def evaluate_run(
     """
     import torch
 
+    from voco.devices import select_device
     from voco.runs import load_run
-    from voco.train.distributed import select_device
 
     out = Path(out)
     dev = select_device(device)
