@@ -28,7 +28,7 @@ from voco.io import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("report.md", "table.csv", "results.csv", "transfer.csv", "label_efficiency.png", "training_curves.png")
-SEG_METRICS = ("dice", "nsd", "hd95")
+SEG_METRICS = ("dice", "dice_all_classes", "nsd", "hd95")
 CLS_METRICS = ("auc", "accuracy")
 
 
@@ -437,6 +437,8 @@ def _secondary_tables(df: pd.DataFrame, baseline: tuple[str, str], digits: int) 
     seg = df[df["task"] != "classification"]
     if not seg.empty:
         for col, title in [
+            ("dice_all_classes_original", "Dice with every class scored (original geometry; a class absent from the "
+                                          "truth counts 1 if not predicted, 0 if predicted)"),
             ("nsd_original", "NSD (original geometry)"),
             ("hd95_original", "HD95 in mm (original geometry; lower is better; undefined cases left out)"),
             ("dice_resampled", "Dice (resampled space)"),
@@ -479,8 +481,10 @@ def _notes_md() -> list[str]:
     return [
         "## Notes",
         "",
-        "- Dice is 1 when prediction and truth are both empty; HD95 is undefined (left out of means, counted in",
-        "  `hd95_undefined_*` in results.csv) when exactly one of them is empty; NSD counts surface voxels.",
+        "- Dice (headline) scores a class only where it is present in the ground truth (MONAI `DiceMetric`",
+        "  `ignore_empty=True`, as the paper's code); `dice_all_classes` scores every class (1 when prediction and",
+        "  truth are both empty, 0 for a prediction of an absent class). HD95 is undefined (left out of means, counted",
+        "  in `hd95_undefined_*` in results.csv) when exactly one of them is empty; NSD counts surface voxels.",
         "- Numbers come from the configuration that produced them (laptop demo: tiny CNN, coarse spacing, few steps);",
         "  they are not the paper's and are reported as measured.",
         "",
