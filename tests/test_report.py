@@ -113,6 +113,10 @@ def test_plan_grid_and_paths():
     assert plan.summaries(cfg, cards, ["cls"])[0] == "results/cls/scratch/plain/n2-s0/summary.json"
     assert plan.init_checkpoint(cfg, "stage2") == ["runs/pretrain/default/stage2/backbone.pt"]
     assert plan.init_checkpoint(cfg, "scratch") == []
+    # a card may narrow its own grid (inits / n_train / seeds)
+    cards["cls"] = {"task": "classification", "finetune": {"n_train": ["all"], "seeds": [0, 1, 2]}}
+    cls_runs = [r for r in plan.runs(cfg, cards, ["cls"])]
+    assert {r[3] for r in cls_runs} == {"all"} and {r[4] for r in cls_runs} == {0, 1, 2} and len(cls_runs) == 2 * 3
 
 
 def test_omni_quality_table_shows_dice_against_full_truth(tmp_path):
