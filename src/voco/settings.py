@@ -366,7 +366,7 @@ class Finetune:
     in_channels_mode: Literal['repeat', 'reinit']
     checkpoint_every: int
     log_every: int
-    classification_pool: Literal['encoder']
+    classification_pool: Literal['encoder', 'encoder_max']
     medcontext: FinetuneMedcontext
 
     @classmethod

@@ -27,9 +27,13 @@ GRID_KEYS = ("inits", "n_train", "seeds")
 
 
 def grid(cfg: Mapping, card: Mapping) -> dict:
-    """The config's ``finetune`` grid keys, with the card's own ``finetune`` values where it sets them."""
+    """The config's ``finetune`` grid keys, with the card's own ``finetune`` values where it sets them, below the
+    user's override files and flags (``cfg.user`` of a resolved :class:`voco.config.Config`), as every other key."""
     own = card.get("finetune") or {}
-    return {**cfg["finetune"], **{k: own[k] for k in GRID_KEYS if k in own}}
+    user = (getattr(cfg, "user", None) or {}).get("finetune") or {}
+    out = {**cfg["finetune"], **{k: own[k] for k in GRID_KEYS if k in own}}
+    out.update({k: user[k] for k in GRID_KEYS if k in user})
+    return out
 
 
 def runs(cfg: Mapping, cards: Mapping[str, Mapping], datasets: Sequence[str]) -> list[tuple[str, str, str, str, int]]:

@@ -258,16 +258,33 @@ def resolve_init(init: str, cfg: dict, init_path: str | None = None) -> Path | N
     )
 
 
-class Classifier(nn.Module):
-    """Backbone's pooled-encoder embedding (SPEC 2 ``embed``) -> linear head -> class logits (N, K)."""
+POOLS = ("encoder", "encoder_max")
 
-    def __init__(self, backbone: nn.Module, n_classes: int) -> None:
+
+class Classifier(nn.Module):
+    """Backbone's pooled encoder maps -> linear head -> class logits (N, K).
+
+    ``pool="encoder"``: the SPEC 2 ``embed`` (global average pools of the encoder maps, concatenated);
+    ``pool="encoder_max"``: global max pools of the same maps, which keep a small local finding (a lesion) that an
+    average over the whole volume dilutes.
+    """
+
+    def __init__(self, backbone: nn.Module, n_classes: int, pool: str = "encoder") -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise ConfigError(f"finetune.classification_pool must be one of {', '.join(POOLS)}, got {pool!r}")
         self.backbone = backbone
+        self.pool = pool
         self.head = nn.Linear(int(backbone.embed_dim), n_classes)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, X, Y, Z) -> (N, embed_dim)."""
+        if self.pool == "encoder":
+            return self.backbone.embed(x)
+        return torch.cat([m.flatten(2).amax(2) for m in self.backbone.encoder_maps(x)], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.embed(x))
+        return self.head(self.features(x))
 
 
 def build_network(arch: dict) -> nn.Module:
@@ -278,7 +295,7 @@ def build_network(arch: dict) -> nn.Module:
     net = build_model(arch["name"], in_channels=arch["in_channels"], out_channels=seg_k, size=arch["size"],
                       feature_size=arch.get("feature_size"))
     if arch["task"] == "classification":
-        net = Classifier(net, arch["out_channels"])
+        net = Classifier(net, arch["out_channels"], arch.get("pool", "encoder"))
     return net
 
 
@@ -430,6 +447,8 @@ def finetune(
     first = store.load(train_ids[0])
     in_ch = 1 if first.image.ndim == 3 else int(first.image.shape[0])
     arch = {**model_spec(cfg), "task": task, "in_channels": in_ch, "out_channels": num_classes(card)}
+    if task == "classification":
+        arch["pool"] = str(params.get("classification_pool", "encoder"))
     torch.manual_seed(seed)
     net = build_network(arch)
     transfer = transfer_init(net, arch, ckpt, params)
