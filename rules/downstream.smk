@@ -10,7 +10,8 @@ import sys
 sys.path.insert(0, str(REPO / "src"))  # the plan is pure Python: importable even where voco is not installed
 from voco.eval import plan as downstream_plan
 
-DOWNSTREAM_SUMMARIES = downstream_plan.summaries(config, CARDS, DOWNSTREAM)
+# VOCO_CFG (not the plain `config`): a card may narrow its own grid, below the user's overrides (plan.grid)
+DOWNSTREAM_SUMMARIES = downstream_plan.summaries(VOCO_CFG, CARDS, DOWNSTREAM)
 
 
 wildcard_constraints:
@@ -99,7 +100,7 @@ rule evaluate:
 rule evaluate_dataset:
     """Every configured run of one dataset evaluated, with that dataset's own tables (results/<dataset>/report/)."""
     input:
-        lambda wc: downstream_plan.summaries(config, CARDS, [wc.dataset]),
+        lambda wc: downstream_plan.summaries(VOCO_CFG, CARDS, [wc.dataset]),
     output:
         f"{RESULTS}/{{dataset}}/report/report.md",
         f"{RESULTS}/{{dataset}}/report/table.csv",
@@ -131,8 +132,8 @@ rule report:
     """Paper-style tables (init x method rows, dataset columns, mean +- sd over seeds), curves and transfer reports."""
     input:
         summaries=DOWNSTREAM_SUMMARIES,
-        transfer=downstream_plan.run_files(config, CARDS, DOWNSTREAM, "transfer.json"),
-        metrics=downstream_plan.run_files(config, CARDS, DOWNSTREAM, "metrics.jsonl"),
+        transfer=downstream_plan.run_files(VOCO_CFG, CARDS, DOWNSTREAM, "transfer.json"),
+        metrics=downstream_plan.run_files(VOCO_CFG, CARDS, DOWNSTREAM, "metrics.jsonl"),
         leakage=f"{RESULTS}/leakage/report.json",
         # curation / pseudo-label quality tables, when the omni stages feed an init of this report
         omni=(
@@ -184,4 +185,4 @@ rule evaluate_all:
 
 ALL_TARGETS.append(f"{RESULTS}/report/report.md")
 # every dataset's own tables too (what `dvc repro evaluate@<dataset>` targets, so that it adopts a finished run)
-ALL_TARGETS.extend(f"{RESULTS}/{d}/report/report.md" for d in sorted({r[0] for r in downstream_plan.runs(config, CARDS, DOWNSTREAM)}))
+ALL_TARGETS.extend(f"{RESULTS}/{d}/report/report.md" for d in sorted({r[0] for r in downstream_plan.runs(VOCO_CFG, CARDS, DOWNSTREAM)}))

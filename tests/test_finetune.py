@@ -67,14 +67,14 @@ def _dicece():
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def test_medcontext_losses_cnn_input_level():
+def test_medcontext_losses_cnn_token_level():
     from voco.models import build_model
 
     torch.manual_seed(0)
     model = build_model("cnn_small", 1, 3, feature_size=4)
     teacher = mc.EmaTeacher(model)
     token = mc.MaskToken(model, in_channels=1)
-    assert token.level == "input"
+    assert token.level == "token" and token.token.shape == (4,)  # the stem's 4 channels
     x = torch.rand(2, 1, 16, 16, 16)
     y = torch.randint(0, 3, (2, 1, 16, 16, 16))
     mask = mc.block_mask(2, (16, 16, 16), cube=8, ratio=0.5)
@@ -84,6 +84,33 @@ def test_medcontext_losses_cnn_input_level():
     out["total"].backward()
     assert token.token.grad is not None and token.token.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.model.parameters())
+
+
+def test_mask_token_replaces_cnn_stem_tokens_in_masked_cubes():
+    """cnn_small: the stem embeds every voxel, so its output is the token map: inside the masked cubes every token
+    equals the learnable token, outside it is the clean stem output."""
+    from voco.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cnn_small", 1, 3, feature_size=4).eval()
+    token = mc.MaskToken(model)
+    x = torch.rand(1, 1, 16, 16, 16)
+    mask = torch.zeros(1, 16, 16, 16, dtype=torch.bool)
+    mask[:, :8, 8:, :] = True  # one 8x8 in-plane cell, all depths
+    seen = {}
+    hook = model.stem.register_forward_hook(lambda _m, _i, out: seen.__setitem__("stem", out.detach().clone()))
+    with torch.no_grad():
+        model(x)
+        clean = seen["stem"]
+        with token.masked(model, mask) as prepare:
+            assert prepare(x) is x
+            model(x)
+    hook.remove()
+    # the recording hook ran before the masking hook: recompute what the next layer received
+    masked = mc.blend_token(seen["stem"], mask, token.token.detach())
+    assert torch.equal(masked[:, :, :8, 8:, :], token.token.detach().view(1, 4, 1, 1, 1).expand(1, 4, 8, 8, 16))
+    assert torch.equal(masked[:, :, 8:, :, :], clean[:, :, 8:, :, :])
+    assert not model.stem._forward_hooks
 
 
 @pytest.mark.slow
@@ -99,13 +126,25 @@ def test_mask_token_hooks_swin_patch_embedding():
     model.eval()
     with torch.no_grad():
         clean = model(x)
+    seen = {}
     with token.masked(model, mask) as prepare:
+        # registered after the masking hook, so it records what encoder1 receives
+        rec = model.encoder1.register_forward_pre_hook(lambda _m, args: seen.__setitem__("enc1", args[0].detach()))
         assert prepare(x) is x  # the input is untouched: the tokens are replaced inside
         masked = model(x)
+    rec.remove()
     masked.sum().backward()
     assert not torch.allclose(clean, masked)
     assert token.token.grad is not None and token.token.grad.abs().sum() > 0
-    assert not model.swinViT.patch_embed._forward_hooks  # the hook is removed after the context
+    # the masked view reaches encoder1 too (the released code feeds it the clean input): masked voxels hold the
+    # learnable input token, the others the image
+    enc1 = seen["enc1"]
+    m = mask[:, None]
+    assert torch.allclose(enc1[m], token.input_token.detach().expand_as(enc1)[m])
+    assert torch.equal(enc1[~m], x[~m])
+    assert token.input_token.grad is not None and token.input_token.grad.abs().sum() > 0
+    assert not model.swinViT.patch_embed._forward_hooks  # the hooks are removed after the context
+    assert not model.encoder1._forward_pre_hooks
 
 
 # ------------------------------------------------------------------------------------- the finetune command
@@ -238,3 +277,30 @@ def test_classification_finetune_and_evaluate(cls_task, tmp_path):
     pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in pos for n in neg]
     assert s["metrics"]["auc"] == pytest.approx(sum(pairs) / len(pairs)) == s["primary"]["value"]
     assert "head.weight" in __import__("torch").load(run / "model.pt", weights_only=True)["model"]
+
+
+def test_finetune_dicece_excludes_background_by_default():
+    """finetune.include_background (default false, the reference): the Dice term averages the foreground channels only;
+    CE covers every class. Written out: a prediction that is right everywhere gives ~0 either way, and MONAI's own
+    loss with include_background=False is what the default computes."""
+    from monai.losses import DiceCELoss
+
+    from voco.train.finetune import dicece_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6, 6, generator=g)
+    y = torch.randint(0, 4, (2, 1, 6, 6, 6), generator=g)
+    ref = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)(logits, y)
+    assert torch.allclose(dicece_loss()(logits, y), ref)
+    assert torch.allclose(dicece_loss(True)(logits, y), DiceCELoss(to_onehot_y=True, softmax=True)(logits, y))
+    # all background except one foreground voxel, predicted perfectly: Dice over foreground = 0, with background > 0
+    y = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    y[0, 0, 0, 0, 0] = 1
+    logits = torch.full((1, 2, 4, 4, 4), -20.0)
+    logits[:, 0] = 20.0
+    logits[0, 1, 0, 0, 0], logits[0, 0, 0, 0, 0] = 20.0, -20.0
+    assert float(dicece_loss()(logits, y)) < 1e-4
+    from voco.config import load_yaml, schema_path
+
+    ft = load_yaml(schema_path())["properties"]["finetune"]["properties"]
+    assert ft["include_background"]["default"] is False

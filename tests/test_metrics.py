@@ -102,7 +102,7 @@ def test_segmentation_metrics_and_summary():
     pred[pred == 2] = 0  # class 2 missed entirely
     per = M.segmentation_metrics(pred, gt, {0: "background", 1: "liver", 2: "spleen"}, (1, 1, 1))
     assert set(per) == {"liver", "spleen"}
-    assert per["liver"] == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0}
+    assert per["liver"] == {"dice": 1.0, "dice_all_classes": 1.0, "hd95": 0.0, "nsd": 1.0}
     assert per["spleen"]["dice"] == 0.0 and math.isnan(per["spleen"]["hd95"])
     s = M.summarise([per, per])
     assert s["mean"]["dice"] == pytest.approx(0.5)
@@ -110,6 +110,53 @@ def test_segmentation_metrics_and_summary():
     assert s["mean"]["hd95_undefined"] == 2  # ... and counts the undefined ones
     with pytest.raises(ValueError, match="shape"):
         M.segmentation_metrics(pred[:-1], gt, {1: "liver"}, (1, 1, 1))
+
+
+def test_dice_ignores_classes_absent_from_the_truth():
+    """MONAI DiceMetric(ignore_empty=True): a class absent from the ground truth is not scored (nan, out of the mean),
+    whether or not it is predicted; ``dice_all_classes`` keeps the other convention (absent from both = 1, predicted
+    but absent = 0).
+
+    Case 1: liver perfect, spleen absent from truth and prediction, kidney absent from truth but predicted:
+    dice = mean(1.0) = 1.0; dice_all_classes = mean(1.0, 1.0, 0.0) = 2/3.
+    Case 2: liver half-overlapping (2*32/128 = 0.5), spleen present and missed (0), kidney absent from both:
+    dice = mean(0.5, 0.0) = 0.25; dice_all_classes = mean(0.5, 0.0, 1.0) = 0.5.
+    """
+    labels = {0: "background", 1: "liver", 2: "spleen", 3: "kidney"}
+    gt1 = np.zeros((12, 12, 12), dtype=np.uint8)
+    gt1[1:5, 1:5, 1:5] = 1
+    pred1 = gt1.copy()
+    pred1[8:10, 8:10, 8:10] = 3
+    per1 = M.segmentation_metrics(pred1, gt1, labels, (1, 1, 1))
+    assert per1["liver"]["dice"] == 1.0
+    assert math.isnan(per1["spleen"]["dice"]) and per1["spleen"]["dice_all_classes"] == 1.0
+    assert math.isnan(per1["kidney"]["dice"]) and per1["kidney"]["dice_all_classes"] == 0.0
+    gt2 = np.zeros((12, 12, 12), dtype=np.uint8)
+    gt2[0:4, 0:4, 0:4] = 1
+    gt2[7:11, 7:11, 7:11] = 2
+    pred2 = np.zeros_like(gt2)
+    pred2[2:6, 0:4, 0:4] = 1
+    per2 = M.segmentation_metrics(pred2, gt2, labels, (1, 1, 1))
+    assert per2["liver"]["dice"] == pytest.approx(0.5) and per2["spleen"]["dice"] == 0.0
+    assert math.isnan(per2["kidney"]["dice"]) and per2["kidney"]["dice_all_classes"] == 1.0
+    s = M.summarise([per1, per2])
+    assert s["mean"]["dice"] == pytest.approx((1.0 + 0.25) / 2)
+    assert s["mean"]["dice_all_classes"] == pytest.approx((2 / 3 + 0.5) / 2)
+    assert s["kidney"]["dice_unscored"] == 2 and s["spleen"]["dice_unscored"] == 1 and s["mean"]["dice_unscored"] == 3
+    assert math.isnan(s["kidney"]["dice"]) and s["spleen"]["dice"] == 0.0  # per class: over the cases that have it
+    # MONAI's own DiceMetric agrees on the headline per-class values
+    import torch
+    from monai.metrics import DiceMetric
+
+    def onehot(a):
+        return torch.nn.functional.one_hot(torch.from_numpy(a.astype(np.int64)), 4).movedim(-1, 0)[None].float()
+
+    ref = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    for pred, gt, per in ((pred1, gt1, per1), (pred2, gt2, per2)):
+        vals = ref(onehot(pred), onehot(gt))[0].tolist()
+        ours = [per[n]["dice"] for n in ("liver", "spleen", "kidney")]
+        for a, b in zip(ours, vals, strict=True):
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b)
 
 
 def test_classification_metrics():

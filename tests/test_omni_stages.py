@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -158,7 +160,9 @@ def stage_env(tmp_path_factory):
             "batch_size": 2, "num_workers": 0, "warmup": 0, "lr": 3e-3, "checkpoint_every": 3, "log_every": 1,
             "voco": {"roi": 16, "hidden_dim": 32, "out_dim": 32},
             "omni": {"stage1_steps": 6, "stage2_steps": 4, "labelled": str(root / "vocomni"),
-                     "pseudo_min_confidence": 0.0},
+                     "pseudo_min_confidence": 0.0, "lr": 3e-3, "warmup": 2,
+                     # the paper's SPEC 6 values (the laptop base turns flips / rot90 off)
+                     "augment": {"flip_p": 0.2, "rot90_p": 0.2, "intensity": 0.1, "intensity_p": 0.1}},
         },
     }
     (root / "override.yaml").write_text(yaml.safe_dump(override))
@@ -187,6 +191,12 @@ def test_stage1_pseudolabel_stage2(stage_env):
     s1 = load_checkpoint(run / "stage1" / "final.pt")
     assert s1["stage"] == "stage1" and s1["step"] == 6
     m1 = _metrics(run / "stage1" / "metrics.jsonl")
+    # one schedule over both stages (lr 3e-3, warmup 2, 6 + 4 = 10 steps): step s (scheduler step k = s - 1) runs at
+    # 3e-3 * (k + 1) / 2 for k < 2, then 3e-3 * 0.5 * (1 + cos(pi * (k - 2) / 8)); stage 1 ends at step 6 with
+    # 3e-3 * 0.5 * (1 + cos(3 pi / 8)) = 2.074e-3 (a per-stage schedule would have decayed to 3e-3 * 0.146 = 4.4e-4)
+    lr_expect = {s: 3e-3 * (s / 2 if s <= 2 else 0.5 * (1 + math.cos(math.pi * (s - 3) / 8))) for s in range(1, 11)}
+    assert [r["lr"] for r in m1] == pytest.approx([lr_expect[s] for s in range(1, 7)], rel=1e-6)
+    assert m1[-1]["lr"] == pytest.approx(2.0740e-3, rel=1e-4)
     assert [r["step"] for r in m1] == list(range(1, 7))
     assert {"sup", "ssl", "pred", "inter", "reg", "acc"} <= set(m1[-1])
     assert (run / "stage1" / "backbone.pt").is_file()
@@ -248,9 +258,15 @@ def test_stage1_pseudolabel_stage2(stage_env):
     assert s2["stage"] == "stage2" and s2["step"] == 10
     m2 = _metrics(run / "stage2" / "metrics.jsonl")
     assert [r["step"] for r in m2] == [7, 8, 9, 10] and all("pseudo" in r and "sup" in r for r in m2)
+    # no restart at the switch: stage 2 continues the same curve (step 7: 3e-3 * 0.5 * (1 + cos(pi / 2)) = 1.5e-3)
+    assert [r["lr"] for r in m2] == pytest.approx([lr_expect[s] for s in range(7, 11)], rel=1e-6)
+    assert m2[0]["lr"] < m1[-1]["lr"] and m2[0]["lr"] == pytest.approx(1.5e-3, rel=1e-6)
     assert s2["scheduler"]["last_epoch"] == 10  # scheduler carried over from stage 1
     st = json.loads((run / "stage2" / "summary.json").read_text())
     assert st["switch_step"] == 6 and st["stage_steps"] == 4 and st["pseudo"]["volumes"] == 4
+    # SPEC 6 augmentation on labelled and pseudo-labelled crops (as configured), and the pseudo crops counted
+    assert st["augment"] == {"flip_p": 0.2, "rot90_p": 0.2, "intensity": 0.1, "intensity_p": 0.1}
+    assert st["pseudo"]["crops"] == 4 * 4  # pseudo_crops (4) per step x 4 stage-2 steps
     # a finished stage is not re-run
     assert main(["pretrain", "--stage", "2", "--prep", pool, "--out", str(run / "stage2"), *ov]) == 0
     assert _metrics(run / "stage2" / "metrics.jsonl") == m2
@@ -294,11 +310,15 @@ def test_suprem_pretrains_on_partial_sources(tmp_path, backbone):
     ck = load_checkpoint(out / "final.pt")
     assert ck["stage"] == "suprem" and ck["method"] == "suprem" and ck["step"] == 3
     s = json.loads((out / "summary.json").read_text())
-    assert s["model"] == backbone and s["data"]["tiny_src_a"] == ["spleen", "liver"]
+    assert s["model"] == backbone and s["data"]["tiny_src_a"] == ["liver", "spleen"]
+    # SuPreM's classes come from its training data's label maps (SPEC 5): liver, spleen (source a)
+    # + kidney_right (source b), not the 20 VoComni classes
+    assert s["classes"] == ["liver", "spleen", "kidney_right"]
+    assert s["data"]["tiny_src_b"] == ["liver", "kidney_right"]
     blob = torch.load(out / "backbone.pt", weights_only=True)
     head = [k for k in blob["model"] if k.endswith("weight")][-1]
-    assert blob["model"][head].shape[0] == 20  # one sigmoid per VoComni class
-    assert blob["meta"]["labels"]["0"] == "spleen" and len(blob["meta"]["labels"]) == 20
+    assert blob["model"][head].shape[0] == 3  # one sigmoid per class
+    assert [blob["meta"]["labels"][str(i)] for i in range(3)] == s["classes"]
 
 
 def test_online_pseudo_loss_trains_the_decoder_only():
@@ -322,3 +342,53 @@ def test_online_pseudo_loss_trains_the_decoder_only():
             assert p.grad is None or float(p.grad.abs().sum()) == 0, n
     # the same logits as the plain forward
     assert torch.allclose(online, backbone(x), atol=1e-5)
+
+
+def test_labelled_batches_augment_every_crop():
+    """With augment, batch i is batch i of the plain factory transformed: flip_p 1 flips every crop on all three axes
+    (image and label alike); intensity 0.1 with p 1 scales by 1 + u and shifts by v, |u|, |v| <= 0.1."""
+    from voco.omni.stage import LabelledBatches, LabelledPool, PoolSource
+
+    img, lab = _volume()
+
+    class _Store:  # the pool's interface over one in-memory case
+        root = "mem"
+
+        def ids(self, labelled=True):
+            return ["a"]
+
+        def load(self, _cid):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(image=img, label=lab, fg=None)
+
+    pool = LabelledPool([PoolSource(_Store(), None, np.ones(4, dtype=bool))], 4)
+    plain = LabelledBatches(pool, (8, 8, 8), 3, seed=7).batch(0, 2)
+    flipped = LabelledBatches(pool, (8, 8, 8), 3, seed=7, augment={"flip_p": 1.0}).batch(0, 2)
+    assert torch.equal(flipped["image"], plain["image"].flip(2, 3, 4))
+    assert torch.equal(flipped["label"], plain["label"].flip(2, 3, 4))
+    assert flipped["label"].sum() > 0  # pos:neg 9:1 crops hold the object
+    inten = LabelledBatches(pool, (8, 8, 8), 3, seed=7, augment={"intensity": 0.1, "intensity_p": 1.0}).batch(0, 2)
+    assert torch.equal(inten["label"], plain["label"])
+    for a, b in zip(inten["image"], plain["image"], strict=True):
+        # a = b * (1 + u) + v: recover u, v from two voxels and check the bounds and the whole crop
+        x0, x1 = b.flatten()[:2].tolist()
+        y0, y1 = a.flatten()[:2].tolist()
+        scale = (y1 - y0) / (x1 - x0)
+        shift = y0 - scale * x0
+        assert abs(scale - 1) <= 0.1 + 1e-5 and abs(shift) <= 0.1 + 1e-5
+        assert torch.allclose(a, b * scale + shift, atol=1e-5)
+        assert not torch.allclose(a, b)
+    # deterministic per (seed, epoch, index): the same batch again
+    again = LabelledBatches(pool, (8, 8, 8), 3, seed=7, augment={"flip_p": 0.5, "rot90_p": 0.5}).batch(0, 2)
+    same = LabelledBatches(pool, (8, 8, 8), 3, seed=7, augment={"flip_p": 0.5, "rot90_p": 0.5}).batch(0, 2)
+    assert torch.equal(again["image"], same["image"])
+
+
+def test_schedule_length_shared_by_both_stages():
+    from voco.omni.stages import schedule_length
+
+    omni = {"stage1_steps": 40, "stage2_steps": 30}
+    assert schedule_length(omni, 0, 40, "1") == 70  # stage 1: steps 1..40 of a 70-step schedule
+    assert schedule_length(omni, 40, 70, "2") == 70  # stage 2 resumes it at step 40
+    assert schedule_length(omni, 40, 41, "2") == 70  # a shorter stage 2 (--steps 1) keeps the same curve

@@ -80,6 +80,13 @@ def test_tumours_are_labelled_inside_their_host_and_hypodense():
     assert case.image[t].mean() < case.image[liver].mean() - 20
     none = _case(5, tumour_prob=0.0)
     assert none.meta["tumour"] == 0 and not np.isin(none.label, [14, 15, 16, 18]).any()
+    # a card may set the tumours' mean HU (cyst-like lesions): same seed, same geometry, the lesion 40 HU darker
+    # (45 -> 5; less after the partial-volume blur at its rim), the rest of the image as before
+    cyst = _case(5, tumour_prob=1.0, tumour_sites=("liver",), tumour_radius=(18.0, 22.0), tumour_hu=5.0)
+    assert np.array_equal(cyst.label, case.label)
+    assert 25.0 < case.image[t].mean() - cyst.image[t].mean() < 45.0
+    far = (case.label == phantom.LABEL_ID["spleen"])
+    assert np.array_equal(cyst.image[far], case.image[far])
 
 
 def test_spacing_is_anisotropic_within_the_scaled_ranges():

@@ -124,7 +124,7 @@ def test_pretrain_voco_v1(tmp_path, stores):
     assert main(argv) == 0
     ck = torch.load(out / "final.pt", map_location="cpu", weights_only=True)
     assert ck["method"] == "voco-v1"
-    # v1 teacher: EMA of the whole student (backbone + projector)
+    # v1 teacher: an EMA network of its own (backbone + projector)
     assert any(k.startswith("backbone.") for k in ck["ema"]["module"])
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     # v1 has no L_inter (total = L_pred + L_reg); its accuracy is over B * sw = 4 queries among g^2 = 4 positions
@@ -195,3 +195,32 @@ def test_nproc_2_relaunches_under_torchrun(tmp_path, stores):
     ck = torch.load(out / "final.pt", map_location="cpu", weights_only=True)
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2
     assert "launching 2 DDP processes" in done.stderr
+
+
+def test_voco_v1_teacher_has_its_own_init_and_no_feature_dropout():
+    """CVPR VoCo: the teacher network is built from its own random init (not a copy of the student) and has no
+    feature dropout; after one EMA step theta_t = 0.9 theta_t0 + 0.1 theta_s."""
+    from voco.ssl.heads import FeatureDropout
+    from voco.train.pretrain_ssl import build_ssl, ssl_settings
+
+    cfg = {"model": {"name": "cnn_small", "feature_size": 4},
+           "pretrain": {"voco": {"feature_dropout_p": 0.2,
+                                 "v1": {"grid": 2, "roi": 16, "out_size": 16, "hidden_dim": 32, "out_dim": 32}}}}
+    ssl = ssl_settings(cfg, "voco-v1")
+    torch.manual_seed(0)
+    student, teacher = build_ssl(cfg, "voco-v1", ssl)
+    s_params, t_params = dict(student.named_parameters()), dict(teacher.module.named_parameters())
+    assert s_params.keys() == t_params.keys()
+    # every randomly initialised tensor (conv / linear weights) differs; norms start at 1 / 0 in both
+    assert all(not torch.equal(s_params[k], t_params[k]) for k in s_params if s_params[k].ndim >= 2)
+    assert all(t.data_ptr() != s.data_ptr() for t, s in zip(t_params.values(), s_params.values(), strict=True))
+    assert student.dropout.p == 0.2 and isinstance(teacher.module.dropout, FeatureDropout)
+    assert teacher.module.dropout.p == 0.0 and not teacher.module.training
+    t0 = {k: v.clone() for k, v in t_params.items()}
+    teacher.update(student)
+    for k, v in teacher.module.named_parameters():
+        torch.testing.assert_close(v, 0.9 * t0[k] + 0.1 * s_params[k].detach())
+    # the voco (TPAMI) teacher is a projector of its own init over the shared backbone
+    student, teacher = build_ssl(cfg, "voco", ssl_settings(cfg, "voco"))
+    assert not any(n.startswith("backbone") for n, _ in teacher.module.named_parameters())
+    assert not torch.equal(teacher.module.layer1[0].weight, student.projector.layer1[0].weight)

@@ -52,3 +52,11 @@ def test_summarise_lists_dropped_and_averages_dice():
     assert s["dice_per_class"]["liver"] == pytest.approx((0.9 + 0.2 + 0.6) / 3)
     assert s["dice_mean_kept"] == pytest.approx(0.7)
     assert s["dice_mean_trained_classes"] == pytest.approx(s["dice_per_class"]["liver"])
+    # the threshold is chosen from a measured sweep: volumes kept and their mean trained-class Dice per threshold
+    # (case Dice over the trained classes: a 0.9, b 0.2, c 0.6)
+    sweep = {r["threshold"]: r for r in s["threshold_sweep"]}
+    assert sweep[0.0]["kept"] == 3 and sweep[0.0]["dice_kept"] == pytest.approx((0.9 + 0.2 + 0.6) / 3)
+    assert sweep[0.5]["kept"] == 2 and sweep[0.5]["dice_kept"] == pytest.approx(0.75)
+    assert sweep[0.85]["kept"] == 1 and sweep[0.85]["dice_kept"] == pytest.approx(0.9)
+    assert sweep[0.95]["kept"] == 0 and sweep[0.95]["dice_kept"] is None
+    assert s["dice_mean_trained_classes_kept"] == pytest.approx(0.75)

@@ -119,6 +119,15 @@ def test_plan_grid_and_paths():
     assert plan.summaries(cfg, cards, ["cls"])[0] == "results/cls/scratch/plain/n2-s0/summary.json"
     assert plan.init_checkpoint(cfg, "stage2") == ["runs/pretrain/default/stage2/backbone.pt"]
     assert plan.init_checkpoint(cfg, "scratch") == []
+    # a card may narrow its own grid (inits / n_train / seeds)
+    cards["cls"] = {"task": "classification", "finetune": {"n_train": ["all"], "seeds": [0, 1, 2]}}
+    cls_runs = [r for r in plan.runs(cfg, cards, ["cls"])]
+    assert {r[3] for r in cls_runs} == {"all"} and {r[4] for r in cls_runs} == {0, 1, 2} and len(cls_runs) == 2 * 3
+    # ... below the user's overrides, as every key (precedence card < user override < flag)
+    from voco.config import Config
+
+    resolved = Config(cfg, user={"finetune": {"seeds": [5]}})
+    assert {r[4] for r in plan.runs(resolved, cards, ["cls"])} == {5}
 
 
 def test_omni_quality_table_shows_dice_against_full_truth(tmp_path):
@@ -132,3 +141,38 @@ def test_omni_quality_table_shows_dice_against_full_truth(tmp_path):
     md = "\n".join(omni_quality_md(sorted(tmp_path.glob("*.json"))))
     assert "VoComni completion" in md and "0.410" in md and "1.000" in md
     assert "stage-1 pseudo-labels" in md and "| pool | 5 | 3 | 0.270" in md
+
+
+def test_paired_interval_and_verdict_written_out():
+    from voco.eval.report import paired_interval, verdict
+
+    # diffs 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t(0.975, 2) = 4.3027 -> half-width 4.3027 * 0.1 / sqrt(3) = 0.2484
+    m, sd, lo, hi, n = paired_interval([0.1, 0.2, 0.3])
+    assert (m, n) == (pytest.approx(0.2), 3) and sd == pytest.approx(0.1)
+    assert lo == pytest.approx(0.2 - 0.24841, abs=1e-4) and hi == pytest.approx(0.2 + 0.24841, abs=1e-4)
+    assert verdict(lo, hi, n).startswith("inside the noise")
+    m, sd, lo, hi, n = paired_interval([0.05, 0.06, 0.07])  # half-width 4.3027 * 0.01 / sqrt(3) = 0.0248
+    assert lo == pytest.approx(0.06 - 0.02484, abs=1e-4) and verdict(lo, hi, n).startswith("better")
+    assert verdict(*paired_interval([-0.05, -0.06, -0.07])[2:]).startswith("worse")
+    assert verdict(*paired_interval([0.1])[2:]) == "one seed: no interval"
+
+
+def test_report_pairs_inits_by_seed_and_states_the_ordering(tmp_path):
+    res = tmp_path / "results"
+    vals = {"scratch": [0.40, 0.50, 0.45], "ssl": [0.46, 0.55, 0.51], "stage2": [0.60, 0.52, 0.70]}
+    for init, vs in vals.items():
+        for seed, v in enumerate(vs):
+            _summary(res, "organs", init, "plain", 2, seed, v)
+    out = tmp_path / "report"
+    build_report(res, out)
+    paired = pd.read_csv(out / "paired.csv")
+    ssl = paired[paired.init == "ssl"].iloc[0]
+    assert ssl["diff"] == pytest.approx(0.0566667) and ssl["n_pairs"] == 3
+    assert ssl["verdict"].startswith("better")  # diffs 0.06, 0.05, 0.06: tight interval above 0
+    st2 = paired[paired.init == "stage2"].iloc[0]
+    assert st2["diff"] == pytest.approx((0.2 + 0.02 + 0.25) / 3)
+    assert st2["verdict"].startswith("inside the noise")  # diffs 0.20, 0.02, 0.25: the interval contains 0
+    md = (out / "report.md").read_text()
+    assert "## Does pre-training help? (paired by seed, 95% t-interval)" in md
+    assert "inside the noise (interval contains 0)" in md
+    assert "- organs, N=2: stage2 0.607 >= ssl 0.507 >= scratch 0.450: holds" in md

@@ -222,9 +222,25 @@ def test_collate_views_order() -> None:
 
 
 # ---------------------------------------------------------------- region balancing
-def test_region_balanced_default_ratio() -> None:
+def test_region_balanced_default_is_volume_proportional() -> None:
+    """Default (the reference): every volume carries its region's weight, abdomen x8, head-neck x8, chest x1, so a
+    region is drawn in proportion to weight x volume count: 300 abdomen, 30 chest, 5 head-neck volumes give
+    P(abdomen) = 2400 / 2470, P(chest) = 30 / 2470, P(head_neck) = 40 / 2470."""
     regions = ["abdomen"] * 300 + ["chest"] * 30 + ["head_neck"] * 5
-    idx = region_balanced_indices(regions, 17000, np.random.default_rng(0))
+    idx = region_balanced_indices(regions, 40000, np.random.default_rng(0))
+    tags = np.asarray(regions)[idx]
+    share = {r: float(np.mean(tags == r)) for r in ("abdomen", "head_neck", "chest")}
+    assert share["abdomen"] == pytest.approx(2400 / 2470, abs=0.005)
+    assert share["chest"] == pytest.approx(30 / 2470, abs=0.003)
+    assert share["head_neck"] == pytest.approx(40 / 2470, abs=0.003)
+    # inside a region every volume is equally likely: each abdomen volume ~ 1/300 of the abdomen draws
+    counts = np.bincount(idx[tags == "abdomen"], minlength=300)[:300]
+    assert counts.min() > 0.5 * counts.mean()
+
+
+def test_region_balanced_region_mode_ratio() -> None:
+    regions = ["abdomen"] * 300 + ["chest"] * 30 + ["head_neck"] * 5
+    idx = region_balanced_indices(regions, 17000, np.random.default_rng(0), mode="region")
     assert idx.dtype == np.int64 and idx.shape == (17000,)
     tags = np.asarray(regions)[idx]
     share = {r: float(np.mean(tags == r)) for r in ("abdomen", "head_neck", "chest")}
@@ -240,8 +256,10 @@ def test_region_balanced_volume_mode_weights_and_errors() -> None:
     tags = np.asarray(regions)[idx]
     assert float(np.mean(tags == "abdomen")) == pytest.approx(80 / 180, abs=0.015)
     assert not np.any(tags == "brain")
-    idx = region_balanced_indices(regions, 3000, 1, weights={"chest": 1.0}, default_weight=2.0)
+    idx = region_balanced_indices(regions, 3000, 1, weights={"chest": 1.0}, default_weight=2.0, mode="region")
     assert float(np.mean(np.asarray(regions)[idx] == "chest")) == pytest.approx(1 / 5, abs=0.03)
+    idx = region_balanced_indices(regions, 3000, 1, weights={"chest": 1.0}, default_weight=2.0)  # 100 / (20+100+20)
+    assert float(np.mean(np.asarray(regions)[idx] == "chest")) == pytest.approx(100 / 140, abs=0.03)
     with pytest.raises(DataError, match="weight 0"):
         region_balanced_indices(["chest"], 3, 0, weights={"chest": 0})
     with pytest.raises(DataError, match="empty"):

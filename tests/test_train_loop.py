@@ -129,6 +129,18 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_schedule_steps_spans_several_runs():
+    """A run that is the first part of a longer schedule (omni stage 1 of stage 1 + stage 2) follows the whole curve:
+    with warmup 0 and schedule_steps 10, step 6 of 6 runs at 0.5 * (1 + cos(pi * 5 / 10)) = 0.5 of the base lr."""
+    from voco.errors import VocoError
+    from voco.train.loop import LoopConfig
+
+    cfg = LoopConfig(steps=6, schedule_steps=10)
+    assert cfg.horizon == 10 and LoopConfig(steps=6).horizon == 6
+    with pytest.raises(VocoError, match="schedule_steps"):
+        LoopConfig(steps=6, schedule_steps=5)
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     steps = 6

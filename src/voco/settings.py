@@ -239,6 +239,19 @@ class PretrainVoco:
         return _build(cls, data, where)
 
 @dataclass(frozen=True)
+class PretrainOmniAugment:
+    """SPEC 6 augmentation of every labelled and pseudo-labelled crop (voco.data.augment): flips, x-y rot90, intensity scale / shift"""
+
+    flip_p: float
+    rot90_p: float
+    intensity: float
+    intensity_p: float
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = 'pretrain/omni/augment') -> PretrainOmniAugment:
+        return _build(cls, data, where)
+
+@dataclass(frozen=True)
 class PretrainOmni:
     """omni-supervised stages (SPEC 3): stage 1 = SSL + DiceCE on VoComni labels; pseudo-labels; stage 2 = SSL + DiceCE on labelled + pseudo-labelled crops"""
 
@@ -253,6 +266,7 @@ class PretrainOmni:
     roi: list[Any]
     sup_weight: float
     pseudo_weight: float
+    augment: PretrainOmniAugment
     stage2_pseudo: Literal['offline', 'online']
     pseudo_min_confidence: float
     pseudo_overlap: float
@@ -263,6 +277,19 @@ class PretrainOmni:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = 'pretrain/omni') -> PretrainOmni:
+        return _build(cls, data, where)
+
+@dataclass(frozen=True)
+class PretrainSupremAugment:
+    """SPEC 6 augmentation of every labelled crop (voco.data.augment): flips, x-y rot90, intensity scale / shift"""
+
+    flip_p: float
+    rot90_p: float
+    intensity: float
+    intensity_p: float
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = 'pretrain/suprem/augment') -> PretrainSupremAugment:
         return _build(cls, data, where)
 
 @dataclass(frozen=True)
@@ -280,6 +307,7 @@ class PretrainSuprem:
     lr: float
     weight_decay: float
     warmup: int
+    augment: PretrainSupremAugment
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = 'pretrain/suprem') -> PretrainSuprem:
@@ -342,6 +370,7 @@ class Finetune:
     samples_per_volume: int
     roi: list[Any]
     pos_neg: list[Any]
+    include_background: bool
     lr: float
     weight_decay: float
     warmup_steps: int
@@ -357,7 +386,7 @@ class Finetune:
     num_workers: Any
     amp: Literal['auto', 'bf16', 'fp16', 'off', True, False]
     max_bad_steps: int
-    classification_pool: Literal['encoder']
+    classification_pool: Literal['encoder', 'encoder_max']
     medcontext: FinetuneMedcontext
 
     @classmethod
@@ -430,7 +459,9 @@ _NESTED: dict[tuple[str, str], tuple[type, str]] = {
     ('PretrainVoco', 'augment'): (PretrainVocoAugment, 'one'),
     ('PretrainVoco', 'v1'): (PretrainVocoV1, 'one'),
     ('Pretrain', 'voco'): (PretrainVoco, 'one'),
+    ('PretrainOmni', 'augment'): (PretrainOmniAugment, 'one'),
     ('Pretrain', 'omni'): (PretrainOmni, 'one'),
+    ('PretrainSuprem', 'augment'): (PretrainSupremAugment, 'one'),
     ('Pretrain', 'suprem'): (PretrainSuprem, 'one'),
     ('Settings', 'pretrain'): (Pretrain, 'one'),
     ('Finetune', 'medcontext'): (FinetuneMedcontext, 'one'),

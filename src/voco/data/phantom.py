@@ -186,6 +186,7 @@ class PhantomSettings:
     tumour_prob: float = 0.0
     tumour_sites: tuple[str, ...] = ("liver", "kidney")
     tumour_radius: tuple[float, float] = (8.0, 22.0)
+    tumour_hu: float | None = None  # mean HU of every tumour (None: per site, liver 45, kidney 85, pancreas 35, lung 25)
     noise_hu: tuple[float, float] = (10.0, 25.0)
     orientation: str = "LPS"  # voxel axes of the written arrays: LPS (like most CT NIfTI) or RAS
 
@@ -530,7 +531,10 @@ def generate_case(
         m = label == lid
         if not m.any():
             continue
-        base = _HU[name] + (subj["contrast"] if name in vessels else 0.0) + subj["organ_offset"]
+        mean_hu = _HU[name]
+        if settings.tumour_hu is not None and name in TUMOUR_LABEL.values():
+            mean_hu = float(settings.tumour_hu)
+        base = mean_hu + (subj["contrast"] if name in vessels else 0.0) + subj["organ_offset"]
         tex_amp = 4.0 if name in ("aorta", "ivc", "portal_splenic_veins", "gallbladder", "bladder") else 9.0
         if name.startswith("lung"):
             tex_amp = 40.0

@@ -190,9 +190,7 @@ def save_prediction(label: np.ndarray, meta: dict, path: Path) -> None:
 def _rows(cid: str, space: str, per_class: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     out = [{"case_id": cid, "space": space, "class": k, **v} for k, v in per_class.items()]
     out.append({"case_id": cid, "space": space, "class": "mean",
-                "dice": M.nan_mean(v["dice"] for v in per_class.values()),
-                "hd95": M.nan_mean(v["hd95"] for v in per_class.values()),
-                "nsd": M.nan_mean(v["nsd"] for v in per_class.values())})
+                **{m: M.nan_mean(v[m] for v in per_class.values()) for m in M.SEG_KEYS}})
     return out
 
 

@@ -22,6 +22,13 @@ both masks empty        1.0     0.0      1.0
 only one mask empty     0.0     nan      0.0
 ======================  ======  =======  =====
 
+Per-class scores of a label map (:func:`segmentation_metrics`) report Dice twice:
+
+* ``dice`` (the headline, MONAI ``DiceMetric(ignore_empty=True)`` as the paper's code uses it): a class absent from
+  the ground truth is not scored (``nan``, left out of every mean), whatever the prediction;
+* ``dice_all_classes`` (every listed class scored, :func:`dice` above): absent from both = 1.0, predicted but absent
+  from the truth = 0.0.
+
 HD95 is undefined (``nan``) when exactly one mask is empty: there is no surface to measure a distance to. Summaries
 (:func:`summarise`) average HD95 over the cases where it is defined and report how many were undefined
 (``hd95_undefined``), so one missed organ is visible in the count instead of turning the mean into ``inf``.
@@ -36,6 +43,8 @@ import numpy as np
 from scipy import ndimage
 
 _STRUCT6 = ndimage.generate_binary_structure(3, 1)
+#: per-class segmentation scores averaged by :func:`summarise`
+SEG_KEYS = ("dice", "dice_all_classes", "hd95", "nsd")
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -48,6 +57,12 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     if s == 0:
         return 1.0
     return 2.0 * int(np.logical_and(p, g).sum()) / s
+
+
+def dice_ignore_empty(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two binary masks, ``nan`` when the ground truth is empty (MONAI ``DiceMetric(ignore_empty=True)``)."""
+    g = np.asarray(gt, dtype=bool)
+    return math.nan if not g.any() else dice(pred, g)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -138,7 +153,8 @@ def segmentation_metrics(
         spacing: voxel size in mm.
 
     Returns:
-        ``{class_name: {"dice": .., "hd95": .., "nsd": ..}}``.
+        ``{class_name: {"dice": .., "dice_all_classes": .., "hd95": .., "nsd": ..}}``; ``dice`` is ``nan`` for a class
+        absent from ``gt`` (see the module docstring).
     """
     pred = np.asarray(pred)
     gt = np.asarray(gt)
@@ -150,8 +166,10 @@ def segmentation_metrics(
             continue
         p = pred == int(value)
         g = gt == int(value)
+        d = dice(p, g)
         out[name] = {
-            "dice": dice(p, g),
+            "dice": d if g.any() else math.nan,
+            "dice_all_classes": d,
             "hd95": hd95(p, g, spacing, percentile),
             "nsd": nsd(p, g, spacing, nsd_tolerance),
         }
@@ -221,8 +239,10 @@ def nan_mean(values: Iterable[float]) -> float:
 def summarise(per_case: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Average per-case class metrics (output of :func:`segmentation_metrics`) over cases, per class and overall.
 
-    Returns ``{class: {"dice", "hd95", "nsd", "hd95_undefined"}, "mean": {...}}`` where "mean" averages each case's
-    class-mean first (Dice and NSD over all classes, HD95 over the defined ones).
+    Returns ``{class: {"dice", "dice_all_classes", "hd95", "nsd", "hd95_undefined", "dice_unscored"}, "mean": {...}}``
+    where "mean" averages each case's class-mean first (over the defined values: Dice over the classes present in that
+    case's truth, ``dice_all_classes`` and NSD over all classes, HD95 over the defined ones). ``dice_unscored`` counts
+    the (case, class) pairs whose class is absent from the truth.
     """
     classes: list[str] = []
     for c in per_case:
@@ -232,19 +252,11 @@ def summarise(per_case: list[dict[str, dict[str, float]]]) -> dict[str, dict[str
     out: dict[str, dict[str, float]] = {}
     for k in classes:
         rows = [c[k] for c in per_case if k in c]
-        out[k] = {
-            "dice": nan_mean(r["dice"] for r in rows),
-            "hd95": nan_mean(r["hd95"] for r in rows),
-            "nsd": nan_mean(r["nsd"] for r in rows),
-            "hd95_undefined": int(sum(1 for r in rows if not math.isfinite(r["hd95"]))),
-        }
-    case_means = [
-        {m: nan_mean(c[k][m] for k in c) for m in ("dice", "hd95", "nsd")} for c in per_case if c
-    ]
-    out["mean"] = {
-        "dice": nan_mean(c["dice"] for c in case_means),
-        "hd95": nan_mean(c["hd95"] for c in case_means),
-        "nsd": nan_mean(c["nsd"] for c in case_means),
-        "hd95_undefined": int(sum(out[k]["hd95_undefined"] for k in classes)),
-    }
+        out[k] = {m: nan_mean(r.get(m, r["dice"]) for r in rows) for m in SEG_KEYS}
+        out[k]["hd95_undefined"] = int(sum(1 for r in rows if not math.isfinite(r["hd95"])))
+        out[k]["dice_unscored"] = int(sum(1 for r in rows if not math.isfinite(r["dice"])))
+    case_means = [{m: nan_mean(c[k].get(m, c[k]["dice"]) for k in c) for m in SEG_KEYS} for c in per_case if c]
+    out["mean"] = {m: nan_mean(c[m] for c in case_means) for m in SEG_KEYS}
+    out["mean"]["hd95_undefined"] = int(sum(out[k]["hd95_undefined"] for k in classes))
+    out["mean"]["dice_unscored"] = int(sum(out[k]["dice_unscored"] for k in classes))
     return out

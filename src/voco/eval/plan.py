@@ -23,15 +23,30 @@ def methods_for(cfg: Mapping, card: Mapping) -> list[str]:
     return methods
 
 
+#: grid keys a dataset card's ``finetune`` section may narrow for its own dataset (e.g. no few-shot N for a
+#: classification task whose two cases could hold one class)
+GRID_KEYS = ("inits", "n_train", "seeds")
+
+
+def grid(cfg: Mapping, card: Mapping) -> dict:
+    """The config's ``finetune`` grid keys, with the card's own ``finetune`` values where it sets them, below the
+    user's override files and flags (``cfg.user`` of a resolved :class:`voco.config.Config`), as every other key."""
+    own = card.get("finetune") or {}
+    user = (getattr(cfg, "user", None) or {}).get("finetune") or {}
+    out = {**cfg["finetune"], **{k: own[k] for k in GRID_KEYS if k in own}}
+    out.update({k: user[k] for k in GRID_KEYS if k in user})
+    return out
+
+
 def runs(cfg: Mapping, cards: Mapping[str, Mapping], datasets: Sequence[str]) -> list[tuple[str, str, str, str, int]]:
     """(dataset, init, method, n, seed) of every configured downstream run (datasets whose task can be fine-tuned)."""
-    ft = cfg["finetune"]
     out = []
     for d in datasets:
         card = {"id": d, **cards[d]}
         if card.get("task", "segmentation") not in TASKS:
             continue
-        for init in init_ids(cfg):
+        ft = grid(cfg, card)
+        for init in dict.fromkeys(_inits.init_id(e) for e in ft["inits"]):
             for method in methods_for(cfg, card):
                 for n in ft["n_train"]:
                     for seed in ft["seeds"]:

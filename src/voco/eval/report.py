@@ -28,7 +28,7 @@ from voco.io import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("report.md", "table.csv", "results.csv", "transfer.csv", "label_efficiency.png", "training_curves.png")
-SEG_METRICS = ("dice", "nsd", "hd95")
+SEG_METRICS = ("dice", "dice_all_classes", "nsd", "hd95")
 CLS_METRICS = ("auc", "accuracy")
 
 
@@ -152,6 +152,112 @@ def markdown_table(table: pd.DataFrame, with_delta: bool = True, digits: int = 3
                 cells.append(_fmt(r["mean"], r["sd"], None if (is_base or not with_delta) else r["delta"], digits))
             lines.append(f"| {init} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ paired effects
+ORDER_CLAIM = ("stage2", "ssl", "scratch")  # the paper's ordering: omni >= SSL >= scratch
+
+
+def paired_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float, int]:
+    """Mean, sample sd and the two-sided ``level`` t-interval of per-seed paired differences.
+
+    Returns:
+        (mean, sd, low, high, n); sd / low / high are nan for fewer than two differences.
+    """
+    from scipy import stats
+
+    d = np.asarray([x for x in diffs if x is not None and np.isfinite(x)], dtype=float)
+    if d.size == 0:
+        return math.nan, math.nan, math.nan, math.nan, 0
+    if d.size == 1:
+        return float(d[0]), math.nan, math.nan, math.nan, 1
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, d.size - 1)) * sd / math.sqrt(d.size)
+    return mean, sd, mean - half, mean + half, int(d.size)
+
+
+def verdict(low: float, high: float, n: int) -> str:
+    """Plain words for a paired interval: above 0, below 0, or containing 0 (inside the noise)."""
+    if n < 2 or not (np.isfinite(low) and np.isfinite(high)):
+        return "one seed: no interval"
+    if low > 0:
+        return "better (interval above 0)"
+    if high < 0:
+        return "worse (interval below 0)"
+    return "inside the noise (interval contains 0)"
+
+
+def paired_table(df: pd.DataFrame, baseline: tuple[str, str] = ("scratch", "plain"), metric: str = "primary",
+                 level: float = 0.95) -> pd.DataFrame:
+    """Every (dataset, N, init, method) against the baseline init/method at the same dataset, N and seed.
+
+    Columns: dataset, n_train, init, method, metric_name, mean, sd, base_mean, base_sd, diff, diff_sd, ci_low,
+    ci_high, n_pairs, verdict.
+    """
+    rows = []
+    if df.empty:
+        return pd.DataFrame(rows)
+    for (dataset, n), sub in df.groupby(["dataset", "n_train"], sort=False):
+        base = sub[(sub["init"] == baseline[0]) & (sub["method"] == baseline[1])].set_index("seed")[metric]
+        if base.empty:
+            continue
+        for (init, method), g in sub.groupby(["init", "method"], sort=False):
+            if (init, method) == baseline:
+                continue
+            vals = g.set_index("seed")[metric]
+            seeds = sorted(set(vals.index) & set(base.index))
+            diffs = [float(vals[s]) - float(base[s]) for s in seeds]
+            d, dsd, lo, hi, k = paired_interval(diffs, level)
+            m, sd, _ = mean_sd(vals.tolist())
+            bm, bsd, _ = mean_sd(base.tolist())
+            rows.append({"dataset": dataset, "n_train": n, "init": init, "method": method,
+                         "metric_name": str(g["primary_metric"].iloc[0]) if metric == "primary" else metric,
+                         "mean": m, "sd": sd, "base_mean": bm, "base_sd": bsd, "diff": d, "diff_sd": dsd,
+                         "ci_low": lo, "ci_high": hi, "n_pairs": k, "verdict": verdict(lo, hi, k)})
+    out = pd.DataFrame(rows)
+    if not out.empty:
+        out = out.sort_values(["dataset", "n_train", "init", "method"],
+                              key=lambda c: c.map(n_key) if c.name == "n_train" else c).reset_index(drop=True)
+    return out
+
+
+def paired_md(table: pd.DataFrame, df: pd.DataFrame, baseline: tuple[str, str], digits: int = 3,
+              level: float = 0.95) -> list[str]:
+    """The pre-training effect section: per dataset and N, each init's mean ± sd, its paired difference to the
+    baseline with a t-interval and a plain verdict; then whether the paper's ordering omni >= SSL >= scratch holds."""
+    if table.empty:
+        return []
+    f = f"{{:.{digits}f}}"
+    md = [f"## Does pre-training help? (paired by seed, {level:.0%} t-interval)", "",
+          f"Each row: mean ± sd over seeds, the same for {baseline[0]}/{baseline[1]} at the same N, and the mean of the "
+          "per-seed differences (same seed = same training cases and crop stream) with its interval. A difference "
+          "whose interval contains 0 is inside the seed-to-seed noise: it is not evidence either way.", "",
+          "| dataset | N | init | method | value | baseline | paired diff | interval | seeds | verdict |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table.to_dict("records"):
+        interval = f"[{f.format(r['ci_low'])}, {f.format(r['ci_high'])}]" if np.isfinite(r["ci_low"]) else "–"
+        md.append(f"| {r['dataset']} ({r['metric_name']}) | {r['n_train']} | {r['init']} | {r['method']} | "
+                  f"{_fmt(r['mean'], r['sd'], None, digits)} | {_fmt(r['base_mean'], r['base_sd'], None, digits)} | "
+                  f"{r['diff']:+.{digits}f} | {interval} | {r['n_pairs']} | {r['verdict']} |")
+    md.append("")
+    claims = ordering_claims(df, digits)
+    if claims:
+        md += ["Paper ordering omni (stage2) >= SSL (ssl) >= scratch, by mean:", "", *claims, ""]
+    return md
+
+
+def ordering_claims(df: pd.DataFrame, digits: int = 3) -> list[str]:
+    """One line per (dataset, N) that has stage2, ssl and scratch plain runs: the means and whether the order holds."""
+    lines = []
+    plain = df[df["method"] == "plain"]
+    for (dataset, n), sub in plain.groupby(["dataset", "n_train"], sort=False):
+        means = {i: mean_sd(sub.loc[sub["init"] == i, "primary"].tolist())[0] for i in ORDER_CLAIM}
+        if not all(np.isfinite(v) for v in means.values()):
+            continue
+        holds = means["stage2"] >= means["ssl"] >= means["scratch"]
+        vals = " >= ".join(f"{i} {means[i]:.{digits}f}" for i in ORDER_CLAIM)
+        lines.append(f"- {dataset}, N={n}: {vals}: {'holds' if holds else 'does not hold'}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ runs side
@@ -335,8 +441,10 @@ def build_report(
     if df.empty:
         log.warning("no summary.json under %s: the report will say so", results)
     table = main_table(df, "primary", baseline) if not df.empty else pd.DataFrame()
+    paired = paired_table(df, baseline)
     _write_csv(df, out / "results.csv")
     _write_csv(table, out / "table.csv")
+    _write_csv(paired, out / "paired.csv")
     transfer = collect_transfer(runs)
     if datasets and not transfer.empty:
         transfer = transfer[transfer["dataset"].isin(list(datasets))]
@@ -352,12 +460,14 @@ def build_report(
         md += [
             f"{len(df)} evaluated runs; datasets: {', '.join(sorted(df['dataset'].unique()))}; seeds: {seeds}.",
             f"Cells: mean ± sample sd over seeds (delta vs {baseline[0]}/{baseline[1]} in brackets). Segmentation:",
-            "Dice (mean over foreground classes) in the original image geometry; classification: AUC.",
+            "Dice (mean over the foreground classes present in the truth) in the original image geometry;",
+            "classification: AUC.",
             "",
             "## Main table",
             "",
             markdown_table(table, digits=digits),
         ]
+        md += paired_md(paired, df, baseline, digits)
         md += _secondary_tables(df, baseline, digits)
         md += ["## Label efficiency", "", "![label efficiency](label_efficiency.png)", ""]
         md += _label_efficiency_md(df, digits)
@@ -368,10 +478,13 @@ def build_report(
     leak = results / "leakage" / "report.json"
     if leak.is_file() and not datasets:
         md += ["## Leakage audit", "", _json_section(str(leak), json.loads(leak.read_text())), ""]
+    if runs is not None and not datasets:
+        md += pretraining_md(Path(runs), digits)
     omni = sorted((results / "omni").glob("*.json")) if (results / "omni").is_dir() and not datasets else []
     if omni:
         md += ["## Pseudo-label quality (omni)", ""]
         md += omni_quality_md(omni, digits)
+        md += stage2_crops_md(Path(runs)) if runs is not None else []
         md += ["### Details", ""]
         for p in omni:
             try:
@@ -386,12 +499,62 @@ def build_report(
     return summary
 
 
+def pretraining_md(runs: Path, digits: int = 3, last: int = 30) -> list[str]:
+    """VoCo pretext position accuracy of every SSL run under ``runs/pretrain/*/ssl`` (mean of the last ``last`` steps,
+    against chance 1/n), the live signal that the pretext task is learned."""
+    rows = []
+    for p in sorted(runs.glob("pretrain/*/ssl/metrics.jsonl")):
+        m = read_metrics_jsonl(p)
+        if m.empty or "acc" not in m:
+            continue
+        acc = m["acc"].dropna()
+        summ = {}
+        if (p.parent / "summary.json").is_file():
+            try:
+                summ = json.loads((p.parent / "summary.json").read_text())
+            except ValueError:
+                summ = {}
+        rows.append({"run": p.parent.parent.name, "method": summ.get("method", ""), "steps": int(m["step"].max()),
+                     f"accuracy, last {last} steps": round(float(acc.tail(last).mean()), digits),
+                     f"accuracy, first {last} steps": round(float(acc.head(last).mean()), digits),
+                     "chance": round(float(summ["chance"]), digits) if summ.get("chance") else ""})
+    if not rows:
+        return []
+    return ["## Pre-training", "", "VoCo pretext position accuracy (argmax of the predicted overlaps = the base crop "
+            "that overlaps most):", "", _records_md(rows), ""]
+
+
+def stage2_crops_md(runs: Path) -> list[str]:
+    """How many stage-2 crops came from pseudo-labels (from ``runs/pretrain/*/stage2/summary.json``)."""
+    lines = []
+    for p in sorted(runs.glob("pretrain/*/stage2/summary.json")):
+        try:
+            s = json.loads(p.read_text())
+        except ValueError:
+            continue
+        pseudo = s.get("pseudo") or {}
+        lab, ps = int(s.get("labelled_crops") or 0), int(pseudo.get("crops") or 0)
+        share = f" ({ps / (lab + ps):.0%} of the supervised crops)" if lab + ps else ""
+        mode = s.get("stage2_pseudo")
+        if mode == "online":
+            lines.append(f"- stage 2 ({p.parent.parent.name}): online pseudo-labels on the SSL crops; "
+                         f"{lab} labelled crops over {s.get('stage_steps')} steps")
+        else:
+            lines.append(f"- stage 2 ({p.parent.parent.name}): {ps} pseudo-labelled crops from "
+                         f"{pseudo.get('volumes', 0)} kept volumes{share} and {lab} labelled crops over "
+                         f"{s.get('stage_steps')} steps")
+    return [*lines, ""] if lines else []
+
+
 def omni_quality_md(paths: Sequence[Path], digits: int = 3) -> list[str]:
     """Headline table: Dice against the phantom's full truth of the VoComni-completed labels and of the pseudo-labels.
 
-    Reads ``curation.json`` (voco vocomni) and ``pseudo_<dataset>.json`` (voco pseudolabel --merge).
+    Reads ``curation.json`` (voco vocomni) and ``pseudo_<dataset>.json`` (voco pseudolabel --merge). Pseudo-label Dice
+    is over the classes the stage-1 model was trained on (every truth class as a second column), with the
+    confidence-threshold sweep it was chosen from.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
+    sweeps: list[tuple[str, list[dict]]] = []
     for p in paths:
         try:
             d = json.loads(Path(p).read_text())
@@ -409,15 +572,21 @@ def omni_quality_md(paths: Sequence[Path], digits: int = 3) -> list[str]:
                 "dice_without_completion": dice.get("partial_filled_mean"),
             })
         elif p.name.startswith("pseudo_"):
+            trained = d.get("dice_mean_trained_classes")
             rows.append({
-                "labels": "stage-1 pseudo-labels", "dataset": d.get("dataset", p.stem[len("pseudo_"):]),
+                "labels": "stage-1 pseudo-labels" + (" (trained classes)" if trained is not None else ""),
+                "dataset": d.get("dataset", p.stem[len("pseudo_"):]),
                 "volumes": d.get("cases"), "kept": d.get("kept"),
-                "dice_vs_full_truth": d.get("dice_mean"), "confidence": d.get("confidence_mean"),
+                "dice_vs_full_truth": trained if trained is not None else d.get("dice_mean"),
+                "dice_kept": d.get("dice_mean_trained_classes_kept"),
+                "dice_every_truth_class": d.get("dice_mean") if trained is not None else None,
+                "confidence": d.get("confidence_mean"), "threshold": d.get("min_confidence"),
             })
+            sweeps.append((rows[-1]["dataset"], d.get("threshold_sweep") or []))
     if not rows:
         return []
-    cols = ["labels", "dataset", "volumes", "kept", "dice_vs_full_truth", "dice_given_classes",
-            "dice_without_completion", "confidence"]
+    cols = ["labels", "dataset", "volumes", "kept", "dice_vs_full_truth", "dice_kept", "dice_given_classes",
+            "dice_without_completion", "dice_every_truth_class", "confidence", "threshold"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -426,7 +595,14 @@ def omni_quality_md(paths: Sequence[Path], digits: int = 3) -> list[str]:
             v = r.get(c)
             cells.append(f"{v:.{digits}f}" if isinstance(v, float) else ("–" if v is None else str(v)))
         out.append("| " + " | ".join(cells) + " |")
-    return [*out, ""]
+    out.append("")
+    for dataset, sweep in sweeps:
+        if not sweep:
+            continue
+        out += [f"Pseudo-label confidence threshold ({dataset}): volumes kept and their mean Dice vs the full truth "
+                "(trained classes) per threshold; the configured threshold is chosen from this measurement.", "",
+                _records_md(sweep), ""]
+    return out
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
@@ -439,6 +615,8 @@ def _secondary_tables(df: pd.DataFrame, baseline: tuple[str, str], digits: int) 
     seg = df[df["task"] != "classification"]
     if not seg.empty:
         for col, title in [
+            ("dice_all_classes_original", "Dice with every class scored (original geometry; a class absent from the "
+                                          "truth counts 1 if not predicted, 0 if predicted)"),
             ("nsd_original", "NSD (original geometry)"),
             ("hd95_original", "HD95 in mm (original geometry; lower is better; undefined cases left out)"),
             ("dice_resampled", "Dice (resampled space)"),
@@ -481,8 +659,10 @@ def _notes_md() -> list[str]:
     return [
         "## Notes",
         "",
-        "- Dice is 1 when prediction and truth are both empty; HD95 is undefined (left out of means, counted in",
-        "  `hd95_undefined_*` in results.csv) when exactly one of them is empty; NSD counts surface voxels.",
+        "- Dice (headline) scores a class only where it is present in the ground truth (MONAI `DiceMetric`",
+        "  `ignore_empty=True`, as the paper's code); `dice_all_classes` scores every class (1 when prediction and",
+        "  truth are both empty, 0 for a prediction of an absent class). HD95 is undefined (left out of means, counted",
+        "  in `hd95_undefined_*` in results.csv) when exactly one of them is empty; NSD counts surface voxels.",
         "- Numbers come from the configuration that produced them (laptop demo: tiny CNN, coarse spacing, few steps);",
         "  they are not the paper's and are reported as measured.",
         "",

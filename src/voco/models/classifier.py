@@ -7,18 +7,37 @@ from typing import Any
 import torch
 from torch import nn
 
+from voco.errors import ConfigError
+
+#: ``finetune.classification_pool`` values
+POOLS = ("encoder", "encoder_max")
+
 
 class Classifier(nn.Module):
-    """Backbone's pooled-encoder embedding (SPEC 2 ``embed``) -> linear head -> class logits (N, K)."""
+    """Backbone's pooled encoder maps -> linear head -> class logits (N, K).
 
-    def __init__(self, backbone: nn.Module, n_classes: int) -> None:
+    ``pool="encoder"``: the SPEC 2 ``embed`` (global average pools of the encoder maps, concatenated);
+    ``pool="encoder_max"``: global max pools of the same maps, which keep a small local finding (a lesion) that an
+    average over the whole volume dilutes.
+    """
+
+    def __init__(self, backbone: nn.Module, n_classes: int, pool: str = "encoder") -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise ConfigError(f"finetune.classification_pool must be one of {', '.join(POOLS)}, got {pool!r}")
         self.backbone = backbone
+        self.pool = pool
         self.head = nn.Linear(int(backbone.embed_dim), n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, X, Y, Z) -> (N, embed_dim)."""
+        if self.pool == "encoder":
+            return self.backbone.embed(x)
+        return torch.cat([m.flatten(2).amax(2) for m in self.backbone.encoder_maps(x)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, X, Y, Z) -> (N, K) logits."""
-        return self.head(self.backbone.embed(x))
+        return self.head(self.features(x))
 
 
 def build_network(arch: dict[str, Any]) -> nn.Module:
@@ -33,5 +52,5 @@ def build_network(arch: dict[str, Any]) -> nn.Module:
     net = build_model(arch["name"], in_channels=arch["in_channels"], out_channels=seg_k, size=arch.get("size", "B"),
                       feature_size=arch.get("feature_size"))
     if arch["task"] == "classification":
-        net = Classifier(net, arch["out_channels"])
+        net = Classifier(net, arch["out_channels"], arch.get("pool", "encoder"))
     return net

@@ -214,7 +214,35 @@ def summarise(df: pd.DataFrame, min_confidence: float, trained: Sequence[str] | 
         sel = [v for k, v in dice_pc.items() if k in set(trained)]
         out["trained_classes"] = list(trained)
         out["dice_mean_trained_classes"] = float(np.mean(sel)) if sel else None
+        case_dice = _case_dice(df, trained)
+        if case_dice.notna().any():
+            out["dice_mean_trained_classes_kept"] = float(case_dice[kept].mean()) if kept.any() else None
+            out["threshold_sweep"] = threshold_sweep(df["confidence"].astype(float), case_dice)
     return out
+
+
+def _case_dice(df: pd.DataFrame, classes: Sequence[str]) -> pd.Series:
+    """Per volume: mean Dice vs the full truth over ``classes`` (those scored in it); NaN without a truth."""
+    keep = set(classes)
+    vals = []
+    for s in df.get("dice_per_class", pd.Series([None] * len(df), index=df.index)).fillna("{}"):
+        d = [v for k, v in json.loads(s).items() if k in keep]
+        vals.append(float(np.mean(d)) if d else float("nan"))
+    return pd.Series(vals, index=df.index, dtype=float)
+
+
+SWEEP = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+def threshold_sweep(conf: pd.Series, dice: pd.Series, thresholds: Sequence[float] = SWEEP) -> list[dict[str, Any]]:
+    """For each confidence threshold: volumes kept and their mean Dice vs the full truth - the measurement the
+    threshold (``pretrain.omni.pseudo_min_confidence``) is chosen from."""
+    rows = []
+    for t in thresholds:
+        k = conf >= t
+        rows.append({"threshold": float(t), "kept": int(k.sum()),
+                     "dice_kept": float(dice[k].mean()) if k.any() and dice[k].notna().any() else None})
+    return rows
 
 
 def merge(

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from voco.data.augment import augment_crops
 from voco.data.store import Store
 from voco.errors import DataError
 from voco.omni.labelmaps import map_label
@@ -107,7 +108,8 @@ class LabelledBatches:
     Batch ``i`` of epoch ``e`` is drawn with an RNG seeded by ``(seed, e, i)``: deterministic, and skipping ``start``
     batches on resume costs nothing.
 
-    Each batch: ``{"image": (n, 1, *roi) float32, "label": (n, 1, *roi) int64, "mask": (n, C) bool}``.
+    Each batch: ``{"image": (n, 1, *roi) float32, "label": (n, 1, *roi) int64, "mask": (n, C) bool}``; with
+    ``augment`` (flip_p, rot90_p, intensity, intensity_p) every crop is augmented (:mod:`voco.data.augment`).
     """
 
     def __init__(
@@ -118,8 +120,10 @@ class LabelledBatches:
         pos_neg: Sequence[float] = (9, 1),
         seed: int = 0,
         epoch_len: int = 100,
+        augment: Mapping[str, Any] | None = None,
     ) -> None:
         self.pool = pool
+        self.augment = dict(augment or {})
         self.n = int(n)
         self.seed = int(seed)
         self.epoch_len = int(epoch_len)
@@ -130,11 +134,12 @@ class LabelledBatches:
         imgs, labs, keys = self.sampler.sample(self.n)
         labs = np.stack([self.pool.map_crop(k, y) for k, y in zip(keys, labs, strict=True)])
         masks = np.stack([self.pool.mask(k) for k in keys])
-        return {
-            "image": torch.from_numpy(imgs),
-            "label": torch.from_numpy(labs.astype(np.int64))[:, None],
-            "mask": torch.from_numpy(masks),
-        }
+        image = torch.from_numpy(imgs)
+        label = torch.from_numpy(labs.astype(np.int64))[:, None]
+        if self.augment:
+            # SPEC 6 recipe, drawn from this batch's own RNG (deterministic per (seed, epoch, index))
+            image, label = augment_crops(image, label, self.augment, self.sampler.rng)
+        return {"image": image, "label": label, "mask": torch.from_numpy(masks)}
 
     def __call__(self, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(start, self.epoch_len):

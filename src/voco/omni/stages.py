@@ -11,10 +11,14 @@ crops (``stage2_pseudo: offline``, the volumes ``voco pseudolabel`` kept), or, w
 reference), DiceCE of the decoder alone (encoder parameters detached) against the argmax of a frozen snapshot of the
 model taken at the switch, on the SSL random crops.
 
-Both stages are resumable (the loop's ``last.pt`` / ``final.pt``); iterators are re-created when exhausted (the
-loop's batch stream). Checkpoints record ``stage`` (``stage1`` / ``stage2``), the global ``step`` and the run's identity
-(settings, stage 2's init checksum, the stores' manifests): a checkpoint of other settings is not resumed. The run
-folder also gets ``backbone.pt`` (for fine-tuning) and ``summary.json``; ``last.pt`` stays until all outputs exist.
+Both stages follow one learning-rate schedule (warmup, then cosine to 0 at ``stage1_steps + stage2_steps``): stage 1
+runs its first part and stage 2 resumes the same scheduler at the switch, so the rate does not restart (SPEC 3/4).
+Labelled and pseudo-labelled crops get the SPEC 6 augmentation (``pretrain.omni.augment``: flips, x-y rot90,
+intensity scale / shift). Both stages are resumable (the loop's ``last.pt`` / ``final.pt``); iterators are re-created
+when exhausted (the loop's batch stream). Checkpoints record ``stage`` (``stage1`` / ``stage2``), the global ``step``
+and the run's identity (settings, stage 2's init checksum, the stores' manifests): a checkpoint of other settings is
+not resumed. The run folder also gets ``backbone.pt`` (for fine-tuning) and ``summary.json``; ``last.pt`` stays until
+all outputs exist.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from voco.omni.stage import LabelledBatches, LabelledPool, PoolSource, full_mask
 log = logging.getLogger(__name__)
 
 STAGE_NAMES = {"1": "stage1", "2": "stage2"}
+#: SPEC 6 augmentation of labelled / pseudo-labelled crops (the schema default of pretrain.omni.augment)
+PAPER_AUGMENT = {"flip_p": 0.2, "rot90_p": 0.2, "intensity": 0.1, "intensity_p": 0.1}
 
 
 class OmniNet(nn.Module):
@@ -173,8 +179,8 @@ def model_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def build_omni(cfg: Mapping[str, Any], method: str, ssl: Mapping[str, Any], n_classes: int) -> tuple[OmniNet, Any]:
     """Student (backbone with ``n_classes`` outputs + projector) and the EMA teacher, as the SSL stage builds them."""
     from voco.models import MIN_SIDE, build_model
-    from voco.ssl.heads import EMA, FeatureDropout, Projector
-    from voco.train.pretrain_ssl import SSLNet
+    from voco.ssl.heads import FeatureDropout, Projector
+    from voco.train.pretrain_ssl import SSLNet, make_teacher
 
     m = model_settings(cfg)
     side = int(ssl.get("out_size", 64)) if method == "voco-v1" else int(ssl["roi"])
@@ -186,10 +192,8 @@ def build_omni(cfg: Mapping[str, Any], method: str, ssl: Mapping[str, Any], n_cl
     hidden, out_dim = int(ssl["hidden_dim"]), int(ssl["out_dim"])
     student = SSLNet(backbone, Projector(backbone.embed_dim, hidden, out_dim),
                      FeatureDropout(float(ssl.get("feature_dropout_p", 0.2)), str(ssl.get("feature_dropout", "row"))))
-    momentum = float(ssl.get("momentum", 0.9))
-    teacher = EMA.copy_of(student, momentum) if method == "voco-v1" else EMA(
-        Projector(backbone.embed_dim, hidden, out_dim), momentum)
-    teacher.eval()
+    teacher = make_teacher(method, backbone.embed_dim, ssl, lambda: build_model(
+        m["name"], 1, n_classes, size=m["size"], feature_size=m["feature_size"], **kwargs))
     return OmniNet(student), teacher
 
 
@@ -220,6 +224,19 @@ def load_stage_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model.load_state_dict(backbone_state(state["model"]))
     model.eval()
     return model, cfg
+
+
+def schedule_length(omni: Mapping[str, Any], switch: int, total: int, stage: str) -> int:
+    """Length of the one learning-rate schedule shared by both stages (SPEC 3/4: no restart at the switch).
+
+    Stage 1 runs steps 1..``stage1_steps`` of a warmup + cosine schedule that reaches 0 at
+    ``stage1_steps + stage2_steps``; stage 2 resumes the same scheduler at the switch. A ``--steps`` override of one
+    stage moves the end of the schedule with it (stage 1: ``total + stage2_steps``; stage 2: ``total``).
+    """
+    s2 = int(omni["stage2_steps"])
+    if stage == "1":
+        return total + s2
+    return max(total, switch + s2)
 
 
 def seed_stage2(init: Path, out: Path, identity: Mapping[str, Any] | None = None, method: str | None = None) -> int:
@@ -302,7 +319,8 @@ def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
     # the omni keys this stage's training reads (pseudo-labelling settings reach stage 2 through its pseudo stores)
     not_read = {"labelled", "unlabelled", "pseudo_min_confidence", "pseudo_overlap", "sw_batch_size"}
     if stage == "1":
-        not_read |= {"stage2_steps", "stage2_pseudo", "pseudo_weight", "pseudo_crops"}
+        # stage2_steps stays: stage 1 runs the first part of the schedule that ends at stage1_steps + stage2_steps
+        not_read |= {"stage2_pseudo", "pseudo_weight", "pseudo_crops"}
     omni_id = {k: v for k, v in omni.items() if k not in not_read}
     loop_id = asdict(loop_config(cfg, method, stage=name, steps=total, seed=getattr(args, "seed", None),
                                  lr=omni.get("lr"), warmup=omni.get("warmup")))  # steps: this stage's own
@@ -317,7 +335,8 @@ def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
         switch = seed_stage2(init, out, identity, method)
         total = switch + total
     lcfg = loop_config(cfg, method, stage=name, steps=total, seed=getattr(args, "seed", None),
-                       lr=omni.get("lr"), warmup=omni.get("warmup"))
+                       lr=omni.get("lr"), warmup=omni.get("warmup"),
+                       schedule_steps=schedule_length(omni, switch, total, stage))
 
     seed_everything(lcfg.seed)
     net, teacher = build_omni(cfg, method, ssl, len(classes))
@@ -334,15 +353,19 @@ def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
 
     volumes = collect_volumes(args.prep)
     ssl_batches = SSLBatches(volumes, batch_size, ssl, method, lcfg.seed, workers,
-                             region_weights=ssl.get("region_weights"), region_mode=str(ssl.get("region_mode", "region")))
+                             region_weights=ssl.get("region_weights"),
+                             region_mode=str(ssl.get("region_mode", "volume")),
+                             default_region_weight=float(ssl.get("default_region_weight", 1.0)))
     pos_neg = omni.get("pos_neg", [9, 1])
     lab_pool = labelled_pool(labelled_dirs, len(classes))
-    lab = LabelledBatches(lab_pool, roi, int(omni.get("labelled_crops", 4)), pos_neg, seed=lcfg.seed * 1009 + 11 + rank)
+    aug = omni.get("augment", PAPER_AUGMENT)
+    lab = LabelledBatches(lab_pool, roi, int(omni.get("labelled_crops", 4)), pos_neg, seed=lcfg.seed * 1009 + 11 + rank,
+                          augment=aug)
     pseudo = None
     pseudo_info: dict[str, Any] = {}
     if stage == "2" and not online:
         dirs = pseudo_in
-        pseudo_info = {"dirs": [str(d) for d in dirs], "volumes": 0}
+        pseudo_info = {"dirs": [str(d) for d in dirs], "volumes": 0, "crops": 0}
         try:
             pool = labelled_pool(dirs, len(classes))
         except DataError:
@@ -351,7 +374,7 @@ def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
                         "stage 2 runs with L_SSL + labelled DiceCE only", [str(d) for d in dirs])
         else:
             pseudo = LabelledBatches(pool, roi, int(omni.get("pseudo_crops", 4)), pos_neg,
-                                     seed=lcfg.seed * 1009 + 23 + rank)
+                                     seed=lcfg.seed * 1009 + 23 + rank, augment=aug)
             pseudo_info["volumes"] = len(pool)
     batches = OmniBatches(ssl_batches, lab, pseudo)
     ssl_step = make_step(method, teacher, ssl)
@@ -388,9 +411,13 @@ def run_stage(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
             vals = [float(r[key]) for r in tail if key in r]
             return float(np.mean(vals)) if vals else None
 
+        stage_steps = result.step - switch
+        if pseudo is not None:
+            pseudo_info["crops"] = pseudo.n * stage_steps
         write_json(out / "summary.json", {
             "stage": name, "method": method, "global_step": result.step, "switch_step": switch,
-            "stage_steps": result.step - switch, "stage2_pseudo": omni.get("stage2_pseudo") if stage == "2" else None,
+            "labelled_crops": lab.n * stage_steps, "augment": dict(aug or {}),
+            "stage_steps": stage_steps, "stage2_pseudo": omni.get("stage2_pseudo") if stage == "2" else None,
             "labelled": [str(d) for d in labelled_dirs], "labelled_volumes": len(lab_pool), "pseudo": pseudo_info,
             "ssl_volumes": len(volumes), "loss_final": mean("total"), "sup_final": mean("sup"),
             "pseudo_final": mean("pseudo"), "pretext_acc_final": mean("acc"), "train_time_s": recs[-1].get("time")

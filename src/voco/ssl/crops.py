@@ -281,7 +281,7 @@ def region_balanced_indices(
     rng: np.random.Generator | torch.Generator | int | None = None,
     weights: Mapping[str, float] | None = None,
     *,
-    mode: str = "region",
+    mode: str = "volume",
     default_weight: float = 1.0,
 ) -> np.ndarray:
     """Draw ``n`` volume indices with region balancing (SPEC 1).
@@ -292,9 +292,10 @@ def region_balanced_indices(
         rng: numpy Generator or seed.
         weights: region -> weight (default ``DEFAULT_REGION_WEIGHTS``); regions not named get ``default_weight``;
             weight 0 leaves a region out.
-        mode: ``region`` - a region is drawn with probability proportional to its weight (among the regions present),
-            then a volume uniformly inside it; ``volume`` - each volume has its region's weight (the reference's
-            repetition of each source list: region probability is weight x volume count).
+        mode: ``volume`` (default, the reference's repetition of each source list) - each volume has its region's
+            weight, so a region is drawn with probability proportional to weight x volume count; ``region`` (region
+            balancing) - a region is drawn with probability proportional to its weight (among the regions present)
+            whatever its size, then a volume uniformly inside it.
 
     Returns:
         ``(n,)`` int64 indices into ``regions``.

@@ -299,33 +299,15 @@ def transfer_init(net: nn.Module, arch: dict, ckpt: Path | None, params: dict) -
 def augment(
     x: torch.Tensor, y: torch.Tensor | None, params: dict
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-sample random flips (each axis, p ``flip_p``), x-y rot90 (p ``rot90_p``), intensity scale / shift.
+    """Per-sample random flips (each axis, p ``flip_p``), x-y rot90 (p ``rot90_p``), intensity scale / shift
+    (:func:`voco.data.augment.augment_crops`, drawing from torch's RNG so the loop's checkpoint covers it).
 
     Args:
         x: (N, C, X, Y, Z) images; y: (N, 1, X, Y, Z) labels or None (spatial transforms applied identically).
     """
-    xs, ys = [], []
-    fp, rp = float(params.get("flip_p", 0.0)), float(params.get("rot90_p", 0.0))
-    mag, ip = float(params.get("intensity", 0.0)), float(params.get("intensity_p", 0.0))
-    for i in range(x.shape[0]):
-        xi = x[i]
-        yi = y[i] if y is not None else None
-        for ax in (1, 2, 3):
-            if torch.rand(()) < fp:
-                xi = xi.flip(ax)
-                yi = yi.flip(ax) if yi is not None else None
-        if torch.rand(()) < rp and xi.shape[1] == xi.shape[2]:
-            k = int(torch.randint(1, 4, ()))
-            xi = torch.rot90(xi, k, (1, 2))
-            yi = torch.rot90(yi, k, (1, 2)) if yi is not None else None
-        if mag > 0 and torch.rand(()) < ip:
-            xi = xi * (1.0 + (torch.rand(()) * 2 - 1) * mag)
-        if mag > 0 and torch.rand(()) < ip:
-            xi = xi + (torch.rand(()) * 2 - 1) * mag
-        xs.append(xi)
-        if yi is not None:
-            ys.append(yi)
-    return torch.stack(xs), (torch.stack(ys) if y is not None else None)
+    from voco.data.augment import augment_crops
+
+    return augment_crops(x, y, params)
 
 
 def _stack_crops(items: list[dict]) -> dict[str, torch.Tensor]:
@@ -403,11 +385,12 @@ class MedContextNet(nn.Module):
         return clean, masked
 
 
-def dicece_loss() -> nn.Module:
-    """DiceCE (softmax, one-hot targets), MONAI's implementation."""
+def dicece_loss(include_background: bool = False) -> nn.Module:
+    """DiceCE (softmax, one-hot targets), MONAI's implementation; the Dice term skips the background channel unless
+    ``include_background`` (the reference fine-tuning excludes it; the CE term always covers every class)."""
     from monai.losses import DiceCELoss
 
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+    return DiceCELoss(include_background=bool(include_background), to_onehot_y=True, softmax=True)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -462,6 +445,8 @@ def finetune(
     first = store.load(train_ids[0])
     in_ch = 1 if first.image.ndim == 3 else int(first.image.shape[0])
     arch = {**model_spec(cfg), "task": task, "in_channels": in_ch, "out_channels": num_classes(card)}
+    if task == "classification":
+        arch["pool"] = str(params.get("classification_pool", "encoder"))
     device = dist.select_device(device if isinstance(device, str) or device is None else str(device.type))
     workers = dist.resolve_num_workers(params.get("num_workers", 0) if num_workers is None else num_workers)
     loop_cfg = LoopConfig.from_mapping(
@@ -501,7 +486,7 @@ def finetune(
     elif method == "plain":
         model = net
         batches = segmentation_batches(store, train_ids, params, seed, workers)
-        seg_loss = dicece_loss()
+        seg_loss = dicece_loss(bool(params.get("include_background", False)))
 
         def step(m: nn.Module, batch: dict) -> dict:
             x, y = augment(batch["image"], batch["label"], params)
@@ -516,7 +501,7 @@ def finetune(
         teacher = EmaTeacher(net)
         ema = teacher
         batches = segmentation_batches(store, train_ids, params, seed, workers)
-        seg_loss = dicece_loss()
+        seg_loss = dicece_loss(bool(params.get("include_background", False)))
         total_steps = int(params["steps"])
 
         def step(m: nn.Module, batch: dict) -> dict:

@@ -11,7 +11,8 @@ A stage supplies:
   again with ``epoch + 1`` whenever the iterable is exhausted. For exact resume it must be deterministic given
   ``epoch`` (seed any sampler / ``DataLoader(generator=...)`` from it); with a ``start`` parameter it skips the first
   ``start`` batches itself, otherwise the loop drains them.
-* ``LoopConfig``: steps, optimiser and schedule, AMP, checkpoint interval, seed, stage and method names.
+* ``LoopConfig``: steps (and the schedule's length when the run is one part of a longer schedule), optimiser and
+  schedule, AMP, checkpoint interval, seed, stage and method names.
 * optionally ``ema`` (any object with ``state_dict`` / ``load_state_dict``, e.g. ``voco.ssl.heads.EMA``),
   ``after_step(step, model)`` (called after every optimiser step, e.g. the EMA update) and ``extra_state``
   (more stateful objects to checkpoint).
@@ -88,6 +89,9 @@ class LoopConfig:
 
     steps: int
     lr: float = 1e-4
+    # length of the learning-rate schedule (None = ``steps``); a run that is one part of a longer schedule (omni
+    # stage 1 of stage 1 + stage 2) sets the whole length, so that the next part continues the same curve
+    schedule_steps: int | None = None
     weight_decay: float = 0.01
     warmup: int = 0
     amsgrad: bool = True
@@ -119,6 +123,13 @@ class LoopConfig:
         if self.schedule not in ("cosine", "constant"):
             raise VocoError(f"schedule must be cosine or constant, got {self.schedule!r}")
         self.checkpoint_every = max(1, int(self.checkpoint_every))
+        if self.schedule_steps is not None and int(self.schedule_steps) < self.steps:
+            raise VocoError(f"schedule_steps ({self.schedule_steps}) must be >= steps ({self.steps})")
+
+    @property
+    def horizon(self) -> int:
+        """Scheduler steps from warmup start to lr 0 (``schedule_steps``, else ``steps``)."""
+        return int(self.schedule_steps) if self.schedule_steps is not None else self.steps
 
 
 @dataclass
@@ -320,7 +331,7 @@ def _train(
     if not params:
         raise VocoError("train: the model has no trainable parameters")
     opt = optimizer or torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps, cfg.schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.horizon, cfg.schedule))
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     identity = normalise(identity) if identity is not None else None

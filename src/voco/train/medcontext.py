@@ -6,10 +6,11 @@ L = DiceCE(Y, F_s) + DiceCE(Y, F_s^M) + beta * consistency(F_s^M, F_t)
   crop (no gradient). The teacher has the student's architecture, starts as a copy and follows it as an EMA whose
   momentum rises from ``momentum`` (0.996) to 1 on a cosine schedule over the global step.
 * Masking: the in-plane (x, y) grid of token cubes (``cube`` voxels, default 16) is sampled per volume; a fraction
-  ``ratio`` (0.4) of the cells is replaced by a learnable mask token, the same in-plane mask repeated along depth (z).
-  For SwinUNETR the token replaces patch-embedding tokens (a forward hook on ``swinViT.patch_embed``, the paper's form);
-  for CNN backbones, which have no token layer, the learnable token (one value per input channel) replaces the input
-  voxels of the masked cubes.
+  ``ratio`` (0.4) of the cells is masked, the same in-plane mask repeated along depth (z). The masked cells' tokens are
+  replaced by a learnable mask token at the patch embedding (SwinUNETR: ``swinViT.patch_embed``, the paper's form; CNN
+  backbones: the output of their first convolution, which embeds every voxel), and the masked view reaches every
+  encoder input: modules that read the raw image besides the patch embedding (SwinUNETR's ``encoder1``, which the
+  released code leaves unmasked) get the image with the masked cubes replaced by a learnable input token.
 * ``loss_form: paper``: ||F_s^M - F_t||^2 / ||F_t||^2 per volume, averaged over the batch.
   ``loss_form: reference``: mean((F_s^M - F_t)^2) / ||F_t|| (what the released code computes: the MSE divided by the
   unsquared norm).
@@ -85,44 +86,90 @@ def blend_token(features: torch.Tensor, mask: torch.Tensor, token: torch.Tensor)
     return features * (1.0 - m) + token.view(1, -1, 1, 1, 1).to(features.dtype) * m
 
 
-def _patch_embed(model: nn.Module) -> nn.Module | None:
+#: Per backbone: the layer whose output tokens are masked (the patch embedding; for CNNs the first convolution, which
+#: embeds every voxel) and the other modules that read the raw input (SwinUNETR's encoder1 skip connection).
+TOKEN_LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("swinViT.patch_embed", ("encoder1",)),  # SwinUNETR
+    ("stem", ()),  # cnn_small
+    ("conv_0", ()),  # MONAI BasicUNet
+    ("convInit", ()),  # MONAI SegResNet
+)
+
+
+def _module(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def token_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:
+    """(token layer, modules that also read the raw input) of a known backbone, else None."""
     inner = getattr(model, "net", model)
-    swin = getattr(inner, "swinViT", None)
-    return getattr(swin, "patch_embed", None) if swin is not None else None
+    for path, raw in TOKEN_LAYERS:
+        layer = _module(inner, path)
+        if layer is not None:
+            return layer, [m for m in (_module(inner, r) for r in raw) if m is not None]
+    return None
+
+
+def _out_channels(layer: nn.Module) -> int:
+    dim = getattr(layer, "embed_dim", None)
+    if dim is None:
+        convs = [m for m in layer.modules() if isinstance(m, nn.Conv3d)]
+        if not convs:
+            raise ValueError(f"cannot tell the token width of {type(layer).__name__}")
+        dim = convs[0].out_channels
+    return int(dim)
 
 
 class MaskToken(nn.Module):
-    """The learnable mask token and how it enters the model (token level for SwinUNETR, input level otherwise)."""
+    """The learnable mask tokens and how the masked view enters the model.
+
+    ``level == "token"`` (every backbone in :data:`TOKEN_LAYERS`): the outputs of the patch embedding (SwinUNETR) or of
+    the first convolution (CNNs) at masked positions are replaced by ``token`` (one value per channel), and every other
+    module that reads the raw input (SwinUNETR's ``encoder1``) gets the masked input instead of the clean one: voxels of
+    the masked cubes replaced by ``input_token`` (one value per input channel). ``level == "input"`` (unknown
+    backbones): only the input is masked.
+    """
 
     def __init__(self, model: nn.Module, in_channels: int = 1) -> None:
         super().__init__()
-        embed = _patch_embed(model)
-        self.level = "token" if embed is not None else "input"
-        if self.level == "token":
-            dim = getattr(embed, "embed_dim", None)
-            if dim is None:
-                dim = next(p for p in embed.parameters() if p.ndim == 5).shape[0]
-            self.token = nn.Parameter(torch.zeros(int(dim)))
+        found = token_layers(model)
+        self.level = "token" if found is not None else "input"
+        self.input_token = nn.Parameter(torch.zeros(in_channels))
+        nn.init.normal_(self.input_token, std=0.02)
+        if found is not None:
+            self.token = nn.Parameter(torch.zeros(_out_channels(found[0])))
+            nn.init.normal_(self.token, std=0.02)
         else:
-            self.token = nn.Parameter(torch.zeros(in_channels))
-        nn.init.normal_(self.token, std=0.02)
+            self.token = self.input_token
 
     @contextlib.contextmanager
     def masked(self, model: nn.Module, mask: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-        """Context yielding ``prepare(x)``: the input to feed ``model`` so that its forward sees the masked view."""
-        if self.level == "input":
-            yield lambda x: blend_token(x, mask, self.token)
-            return
-        embed = _patch_embed(model)
+        """Context yielding ``prepare(x)``: the input to feed ``model`` so that its forward sees the masked view.
 
-        def hook(_module, _inputs, output):
+        Args:
+            mask: bool (N, X, Y, Z) at voxel resolution (:func:`block_mask`).
+        """
+        if self.level == "input":
+            yield lambda x: blend_token(x, mask, self.input_token)
+            return
+        layer, raw_readers = token_layers(model)  # type: ignore[misc]
+
+        def tokens(_module, _inputs, output):
             return blend_token(output, mask, self.token)
 
-        handle = embed.register_forward_hook(hook)
+        def raw_input(_module, args):
+            return (blend_token(args[0], mask, self.input_token), *args[1:])
+
+        handles = [layer.register_forward_hook(tokens)]
+        handles += [m.register_forward_pre_hook(raw_input) for m in raw_readers]
         try:
             yield lambda x: x
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
 
 
 class EmaTeacher:

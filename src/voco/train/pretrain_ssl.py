@@ -3,10 +3,11 @@
 Data: every ``ok`` training case of the pre-processed stores, drawn region-balanced; each drawn volume gives g*g base
 crops, ``sw`` random crops and their overlap position labels (``voco.ssl.crops``). Model: the student backbone's
 pooled-encoder embedding -> feature dropout -> projector; the teacher is an EMA projector (``voco``: its own init,
-momentum 0.9, the backbone shared) or an EMA copy of the whole student (``voco-v1``). Logged per step: loss terms and
-pretext position accuracy. Writes ``final.pt`` (full training checkpoint), ``backbone.pt`` (backbone state dict in
-MONAI SwinUNETR / our naming, for downstream), ``metrics.jsonl``, ``progress.png``, ``summary.json``; ``last.pt`` (the
-resumable checkpoint) stays until all of them exist.
+momentum 0.9, the backbone shared) or an EMA network of its own (``voco-v1``: own backbone + projector from their own
+init, no feature dropout, as the CVPR code). Logged per step: loss terms and pretext position accuracy. Writes
+``final.pt`` (full training checkpoint), ``backbone.pt`` (backbone state dict in MONAI SwinUNETR / our naming, for
+downstream), ``metrics.jsonl``, ``progress.png``, ``summary.json``; ``last.pt`` (the resumable checkpoint) stays until
+all of them exist.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ class SSLBatches:
         seed: int,
         num_workers: int = 0,
         region_weights: Mapping[str, float] | None = None,
-        region_mode: str = "region",
+        region_mode: str = "volume",
         default_region_weight: float = 1.0,
     ) -> None:
         self.volumes = list(volumes)
@@ -183,7 +184,7 @@ class SSLNet(nn.Module):
 
 def build_ssl(cfg: Mapping[str, Any], method: str, ssl: Mapping[str, Any]) -> tuple[SSLNet, Any]:
     """Student network and EMA teacher for ``method``."""
-    from voco.ssl.heads import EMA, FeatureDropout, Projector
+    from voco.ssl.heads import FeatureDropout, Projector
 
     m = cfg.get("model", {})
     name = m.get("name", "cnn_small")
@@ -200,13 +201,29 @@ def build_ssl(cfg: Mapping[str, Any], method: str, ssl: Mapping[str, Any]) -> tu
     projector = Projector(backbone.embed_dim, hidden, out_dim)
     dropout = FeatureDropout(float(ssl.get("feature_dropout_p", 0.2)), str(ssl.get("feature_dropout", "row")))
     student = SSLNet(backbone, projector, dropout)
+    teacher = make_teacher(method, backbone.embed_dim, ssl, lambda: build_model(
+        name, 1, 2, size=m.get("size", "B"), feature_size=m.get("feature_size"), **kwargs))
+    return student, teacher
+
+
+def make_teacher(method: str, embed_dim: int, ssl: Mapping[str, Any], new_backbone: Callable[[], nn.Module]) -> Any:
+    """The EMA teacher, from its own random init (drawn after the student's, so it differs from it).
+
+    ``voco``: a projector on the ``embed_dim`` embedding (the backbone is shared with the student). ``voco-v1`` (the
+    CVPR code): a whole network - a new backbone from ``new_backbone()`` plus a projector - without feature dropout;
+    it never copies the student. Both are in eval mode (their BatchNorms use batch statistics in either mode).
+    """
+    from voco.ssl.heads import EMA, FeatureDropout, Projector
+
+    hidden, out_dim = int(ssl["hidden_dim"]), int(ssl["out_dim"])
     momentum = float(ssl.get("momentum", 0.9))
     if method == "voco-v1":
-        teacher = EMA.copy_of(student, momentum)
+        backbone = new_backbone()
+        teacher = EMA(SSLNet(backbone, Projector(backbone.embed_dim, hidden, out_dim), FeatureDropout(0.0)), momentum)
     else:
-        teacher = EMA(Projector(backbone.embed_dim, hidden, out_dim), momentum)
-    teacher.eval()  # no feature dropout in the teacher; its BatchNorms use batch statistics in either mode
-    return student, teacher
+        teacher = EMA(Projector(embed_dim, hidden, out_dim), momentum)
+    teacher.eval()
+    return teacher
 
 
 def make_step(method: str, teacher: Any, ssl: Mapping[str, Any]):
@@ -305,7 +322,7 @@ def run_ssl(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
         lcfg.seed,
         workers,
         region_weights=ssl.get("region_weights"),
-        region_mode=str(ssl.get("region_mode", "region")),
+        region_mode=str(ssl.get("region_mode", "volume")),
         default_region_weight=float(ssl.get("default_region_weight", 1.0)),
     )
     n_crops = batch_size * (int(ssl["sw"]) + int(ssl["grid"]) ** 2)
