@@ -54,7 +54,10 @@ def finetune_params(cfg: dict, card: dict) -> dict:
 def model_spec(cfg: dict) -> dict:
     """Model name / size / feature size from the config's ``model`` section (default: the laptop ``cnn_small``)."""
     m = cfg.get("model", {}) or {}
-    return {"name": m.get("name", "cnn_small"), "size": m.get("size", "B"), "feature_size": m.get("feature_size")}
+    spec = {"name": m.get("name", "cnn_small"), "size": m.get("size", "B"), "feature_size": m.get("feature_size")}
+    if m.get("window_attention"):
+        spec["window_attention"] = m["window_attention"]
+    return spec
 
 
 def num_classes(card: dict) -> int:
@@ -200,7 +203,7 @@ def build_network(arch: dict) -> nn.Module:
 
     seg_k = arch["out_channels"] if arch["task"] == "segmentation" else 2
     net = build_model(arch["name"], in_channels=arch["in_channels"], out_channels=seg_k, size=arch["size"],
-                      feature_size=arch.get("feature_size"))
+                      feature_size=arch.get("feature_size"), window_attention=arch.get("window_attention"))
     if arch["task"] == "classification":
         net = Classifier(net, arch["out_channels"])
     return net
