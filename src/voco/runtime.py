@@ -1,4 +1,4 @@
-"""CPU runtime settings of a voco process: OpenMP waiting and glibc malloc, applied by ``import voco``.
+"""CPU runtime settings of a voco process: OpenMP waiting (set by ``import voco``) and glibc malloc (set by training).
 
 Two process-wide settings make a CPU training step much cheaper on a busy machine, and neither changes any result:
 
@@ -11,11 +11,13 @@ Two process-wide settings make a CPU training step much cheaper on a busy machin
   ``mmap`` regions; ``M_TRIM_THRESHOLD = -1``: the heap is not returned to the system after every step). By default
   every tensor above 32 MiB is mapped and unmapped on each step, and the kernel zeroes each page on first touch:
   millions of minor page faults and seconds of system time per VoCo step. A training step allocates the same sizes
-  every time, so the heap stops growing after the first step.
+  every time, so the heap stops growing after the first steps. Only training processes get this (the loop calls
+  ``configure_malloc`` before its first step): with irregular allocation patterns a heap that never shrinks can hold
+  more memory than the default.
 
 A value the user set wins: an environment variable already present is left alone, and the malloc settings are skipped
-when ``MALLOC_*`` / ``GLIBC_TUNABLES`` malloc settings are in the environment. ``VOCO_CPU_RUNTIME=0`` turns all of it
-off. Non-glibc systems get the environment default only.
+when ``MALLOC_*`` / ``GLIBC_TUNABLES`` malloc settings are in the environment (the way to choose others).
+``VOCO_CPU_RUNTIME=0`` turns all of it off. Non-glibc systems get the environment default only.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping
 
 #: environment defaults read by the OpenMP runtime when torch loads
 ENV_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -33,10 +35,10 @@ ENV_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 
-_applied: dict[str, str] | None = None
+_applied: dict[str, str] = {}
 
 
-def _user_set_malloc(environ: MutableMapping[str, str]) -> bool:
+def _user_set_malloc(environ: Mapping[str, str]) -> bool:
     return any(k.startswith("MALLOC_") for k in environ) or "glibc.malloc" in environ.get("GLIBC_TUNABLES", "")
 
 
@@ -51,36 +53,41 @@ def _mallopt(param: int, value: int) -> bool:
     return bool(fn(param, value))
 
 
-def configure(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Apply the settings above once per process; returns what was applied (name -> value).
+def _enabled() -> bool:
+    return os.environ.get("VOCO_CPU_RUNTIME", "1").strip().lower() not in ("0", "off", "false", "no")
 
-    Args:
-        environ: the environment to read and complete (default ``os.environ``; the malloc settings apply to this
-            process whatever mapping is given).
+
+def configure() -> dict[str, str]:
+    """Set the OpenMP environment defaults (``import voco`` calls this before torch loads); returns what it set."""
+    if not _enabled() or "torch" in sys.modules:  # OpenMP reads its variables when torch's libraries load
+        return {}
+    set_now = {}
+    for key, value in ENV_DEFAULTS.items():
+        if key not in os.environ:
+            os.environ[key] = value
+            set_now[key] = value
+    _applied.update(set_now)
+    return set_now
+
+
+def configure_malloc() -> dict[str, str]:
+    """Keep freed memory in this process's heap (glibc); the training loop calls this before its first step.
+
+    Returns what it set (empty: turned off, set by the user, not glibc, or already done).
     """
-    global _applied
-    env = os.environ if environ is None else environ
-    if _applied is not None and environ is None:
-        return dict(_applied)
-    applied: dict[str, str] = {}
-    if env.get("VOCO_CPU_RUNTIME", "1").strip().lower() in ("0", "off", "false", "no"):
-        _applied = applied if environ is None else _applied
-        return applied
-    if "torch" not in sys.modules:  # OpenMP reads its variables when torch's libraries load
-        for key, value in ENV_DEFAULTS.items():
-            if key not in env:
-                env[key] = value
-                applied[key] = value
-    if sys.platform.startswith("linux") and not _user_set_malloc(env):
-        if _mallopt(M_MMAP_MAX, 0):
-            applied["malloc.mmap_max"] = "0"
-        if _mallopt(M_TRIM_THRESHOLD, -1):
-            applied["malloc.trim_threshold"] = "-1 (no trimming)"
-    if environ is None:
-        _applied = applied
-    return dict(applied)
+    if not _enabled() or not sys.platform.startswith("linux") or _user_set_malloc(os.environ):
+        return {}
+    if "malloc.mmap_max" in _applied:
+        return {}
+    set_now = {}
+    if _mallopt(M_MMAP_MAX, 0):
+        set_now["malloc.mmap_max"] = "0"
+    if _mallopt(M_TRIM_THRESHOLD, -1):
+        set_now["malloc.trim_threshold"] = "-1 (no trimming)"
+    _applied.update(set_now)
+    return set_now
 
 
 def applied() -> dict[str, str]:
-    """What ``configure`` applied in this process (empty before it ran or when turned off)."""
-    return dict(_applied or {})
+    """What ``configure`` / ``configure_malloc`` set in this process."""
+    return dict(_applied)
