@@ -178,14 +178,15 @@ def window_attention(
     if mask is not None and q.shape[0] % mask.shape[0]:
         raise ValueError(f"window_attention: {q.shape[0]} windows are not a multiple of the mask's {mask.shape[0]}")
     dtype = q.dtype
-    q, k, v = (t.float().contiguous() for t in (q, k, v))
-    bias = bias.float().contiguous()
-    mask = mask.float().contiguous() if mask is not None else None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
-        out = _WindowAttentionFn.apply(q, k, v, bias, mask, float(scale), fused)
-    else:
-        out = _forward(q, k, v, bias, mask, float(scale), fused)[0]
-    return out.to(dtype)
+    with torch.profiler.record_function("voco::window_attention"):
+        q, k, v = (t.float().contiguous() for t in (q, k, v))
+        bias = bias.float().contiguous()
+        mask = mask.float().contiguous() if mask is not None else None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
+            out = _WindowAttentionFn.apply(q, k, v, bias, mask, float(scale), fused)
+        else:
+            out = _forward(q, k, v, bias, mask, float(scale), fused)[0]
+        return out.to(dtype)
 
 
 class EfficientWindowAttention(WindowAttention):
