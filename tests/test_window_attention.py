@@ -62,9 +62,10 @@ def test_window_attention_rejects_a_mask_that_does_not_tile_the_windows():
         window_attention(q, q, q, torch.zeros(1, 8, 8), torch.zeros(2, 8, 8), 1.0)
 
 
-def _layer_pair(dim: int, heads: int, seed: int = 0) -> tuple[BasicLayer, BasicLayer]:
+def _layer_pair(dim: int, heads: int, seed: int = 0, checkpoint: bool = False) -> tuple[BasicLayer, BasicLayer]:
     torch.manual_seed(seed)
-    ref = BasicLayer(dim=dim, depth=2, num_heads=heads, window_size=(7, 7, 7), drop_path=[0.0, 0.0], qkv_bias=True)
+    ref = BasicLayer(dim=dim, depth=2, num_heads=heads, window_size=(7, 7, 7), drop_path=[0.0, 0.0], qkv_bias=True,
+                     use_checkpoint=checkpoint)
     with torch.no_grad():  # MONAI initialises the bias table with std 0.02; make it matter
         for blk in ref.blocks:
             blk.attn.relative_position_bias_table.normal_(0, 1.0)
@@ -74,17 +75,18 @@ def _layer_pair(dim: int, heads: int, seed: int = 0) -> tuple[BasicLayer, BasicL
 
 
 @pytest.mark.parametrize(
-    "spatial",
+    ("spatial", "checkpoint"),
     [
-        (14, 14, 14),  # a multiple of the window: no padding
-        (9, 12, 10),  # padded to 14^3 (MONAI attends to the zero-padded tokens; so do we)
-        (5, 9, 16),  # a side <= 7 shrinks the window and drops the shift on that axis; the others pad
+        ((14, 14, 14), False),  # a multiple of the window: no padding
+        ((9, 12, 10), False),  # padded to 14^3 (MONAI attends to the zero-padded tokens; so do we)
+        ((5, 9, 16), False),  # a side <= 7 shrinks the window and drops the shift on that axis; the others pad
+        ((9, 12, 10), True),  # under MONAI's gradient checkpointing (the paper configuration's use_checkpoint)
     ],
 )
-def test_swin_layer_with_shifted_and_unshifted_blocks_equals_monai(spatial):
+def test_swin_layer_with_shifted_and_unshifted_blocks_equals_monai(spatial, checkpoint):
     """BasicLayer = block 0 (no shift) + block 1 (shifted by 3, with MONAI's -100 mask): forward and the gradients
     of the input and of every parameter, the relative-position bias tables included."""
-    ref, ours = _layer_pair(dim=12, heads=3)
+    ref, ours = _layer_pair(dim=12, heads=3, checkpoint=checkpoint)
     torch.manual_seed(1)
     x = torch.randn(2, 12, *spatial)
     xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
