@@ -10,7 +10,10 @@ Here the forward pass is PyTorch's fused CPU flash attention (``scaled_dot_produ
 and mask as an additive ``attn_mask``), which keeps only the output and the per-row log-sum-exp. The backward pass
 recomputes the attention probabilities a few windows at a time (P = exp(S - lse), S = q k^T * scale + B + M) in two
 reused cache-sized buffers and from them the gradients of q, k, v and of the bias B (dB = sum over windows of
-P * (dP - rowsum(dO * O)), dP = dO v^T) - so no per-window matrix outlives its chunk, in either pass.
+P * (dP - rowsum(dO * O)), dP = dO v^T) - so no per-window matrix outlives its chunk, in either pass. The core runs
+in float32 whatever the autocast dtype. On other devices (CUDA) the forward is the same chunked arithmetic with plain
+tensor ops and larger chunks; it has not been measured on a GPU (``benchmarks/gpu_check.sh`` compares it with MONAI's
+attention there).
 
 The maths is MONAI's exactly, including its quirks: padded tokens (zeros after ``norm1``) are attended to, the shift
 mask is -100 (not -inf), and a window smaller than ``window_size`` indexes ``relative_position_index[:n, :n]``.
@@ -130,7 +133,7 @@ class _WindowAttentionFn(torch.autograd.Function):
             p, dp = bufs[0][: m * n * n].view(m, n, n), bufs[1][: m * n * n].view(m, n, n)
             qc, kc = q[r0:r1].reshape(m, n, d), k[r0:r1].reshape(m, n, d)
             vc, doc = v[r0:r1].reshape(m, n, d), dout[r0:r1].reshape(m, n, d)
-            # P = exp(q k^T * scale + bias (+ mask) - lse), the exponent floored at -LOGIT_FLOOR (see there)
+            # P = exp(q k^T * scale + bias (+ mask) - lse); in shifted windows the exponent is floored (LOGIT_FLOOR)
             p4 = p.view(c, h, n, n)
             torch.sub(bias, lse[r0:r1].unsqueeze(-1), out=p4)
             p.baddbmm_(qc, kc.transpose(1, 2), alpha=scale)
