@@ -142,6 +142,7 @@ class Model:
     size: Literal['B', 'L', 'H']
     feature_size: int | None
     use_checkpoint: bool
+    window_attention: Literal['efficient', 'monai']
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = 'model') -> Model:

@@ -50,7 +50,7 @@ def build_network(arch: dict[str, Any]) -> nn.Module:
 
     seg_k = arch["out_channels"] if arch["task"] == "segmentation" else 2
     net = build_model(arch["name"], in_channels=arch["in_channels"], out_channels=seg_k, size=arch.get("size", "B"),
-                      feature_size=arch.get("feature_size"))
+                      feature_size=arch.get("feature_size"), window_attention=arch.get("window_attention"))
     if arch["task"] == "classification":
         net = Classifier(net, arch["out_channels"], arch.get("pool", "encoder"))
     return net

@@ -7,8 +7,11 @@ from torch import nn
 from voco.errors import ConfigError
 from voco.shapes import FEATURE_SIZES, MIN_SIDE, MODEL_NAMES
 
-__all__ = ["FEATURE_SIZES", "MIN_SIDE", "MODEL_NAMES", "build_model", "decoder_parameter_names", "feature_size_for",
-           "freeze_decoder"]
+__all__ = ["FEATURE_SIZES", "MIN_SIDE", "MODEL_NAMES", "WINDOW_ATTENTION_IMPLS", "build_model",
+           "decoder_parameter_names", "feature_size_for", "freeze_decoder"]
+
+#: ``model.window_attention`` values (``voco.models.window_attention``; kept here so that no MONAI import is needed)
+WINDOW_ATTENTION_IMPLS = ("efficient", "monai")
 
 
 def feature_size_for(name: str, size: str = "B", feature_size: int | None = None) -> int:
@@ -27,6 +30,7 @@ def build_model(
     out_channels: int = 2,
     size: str = "B",
     feature_size: int | None = None,
+    window_attention: str | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build a segmentation backbone with ``forward(x) -> (N, K, X, Y, Z)``, ``embed(x) -> (N, D)``, ``embed_dim``.
@@ -37,15 +41,23 @@ def build_model(
         out_channels: output classes K.
         size: ``B`` | ``L`` | ``H`` (SwinUNETR feature size 48 / 96 / 192).
         feature_size: explicit F (overrides ``size``).
+        window_attention: SwinUNETR only (other models ignore it): ``efficient`` (default; same maths and parameters
+            as MONAI, no per-window attention matrices kept) or ``monai`` (MONAI's own attention).
         kwargs: passed to the model (e.g. ``use_checkpoint=True`` for SwinUNETR).
     Raises:
-        ConfigError: unknown name or size.
+        ConfigError: unknown name, size or window attention.
     """
     f = feature_size_for(name, size, feature_size)
+    if window_attention is not None and window_attention not in WINDOW_ATTENTION_IMPLS:
+        raise ConfigError(
+            f"model.window_attention {window_attention!r} unknown; choose from {', '.join(WINDOW_ATTENTION_IMPLS)}"
+        )
     # MONAI is imported only for the models that need it (cnn_small is plain torch: fast CLI / worker start-up)
     if name == "swinunetr":
         from voco.models.swin import VocoSwinUNETR
 
+        if window_attention is not None:
+            kwargs["window_attention"] = window_attention
         model: nn.Module = VocoSwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=f, **kwargs)
     elif name == "unet":
         from voco.models.cnn import VocoBasicUNet

@@ -10,6 +10,7 @@ import torch
 from monai.networks.nets import SwinUNETR
 
 from voco.models.common import pool_concat
+from voco.models.window_attention import WINDOW_ATTENTION_IMPLS, set_window_attention
 
 SWIN_SIZES = {"B": 48, "L": 96, "H": 192}
 
@@ -23,6 +24,8 @@ class VocoSwinUNETR(SwinUNETR):
         feature_size: F (48 = Swin-B, 96 = Swin-L, 192 = Swin-H).
         use_checkpoint: gradient checkpointing in the Swin stages.
         use_v2: SwinUNETR-v2 residual conv blocks (the VoCo reference uses them).
+        window_attention: ``efficient`` (default: ``voco.models.window_attention``, same maths and parameters, keeps
+            no per-window attention matrices) or ``monai`` (MONAI's own ``WindowAttention.forward``).
     """
 
     #: prefixes of parameters that ``embed`` does not use (frozen during SSL so DDP needs no unused-parameter search)
@@ -35,8 +38,13 @@ class VocoSwinUNETR(SwinUNETR):
         feature_size: int = 48,
         use_checkpoint: bool = False,
         use_v2: bool = True,
+        window_attention: str = "efficient",
         **kwargs,
     ) -> None:
+        if window_attention not in WINDOW_ATTENTION_IMPLS:
+            raise ValueError(
+                f"window_attention {window_attention!r} unknown; choose from {', '.join(WINDOW_ATTENTION_IMPLS)}"
+            )
         super().__init__(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -47,6 +55,8 @@ class VocoSwinUNETR(SwinUNETR):
         )
         self.feature_size = feature_size
         self.embed_dim = 24 * feature_size
+        self.window_attention = window_attention
+        set_window_attention(self, window_attention)
 
     def encoder_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The five encoder maps encoder1(x), encoder2(h0), encoder3(h1), encoder4(h2), encoder10(h4).

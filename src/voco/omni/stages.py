@@ -173,7 +173,7 @@ def pseudo_dirs(path: str | Path) -> list[Path]:
 def model_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     m = cfg.get("model", {}) or {}
     return {"name": m.get("name", "cnn_small"), "size": m.get("size", "B"), "feature_size": m.get("feature_size"),
-            "use_checkpoint": bool(m.get("use_checkpoint", False))}
+            "use_checkpoint": bool(m.get("use_checkpoint", False)), "window_attention": m.get("window_attention")}
 
 
 def build_omni(cfg: Mapping[str, Any], method: str, ssl: Mapping[str, Any], n_classes: int) -> tuple[OmniNet, Any]:
@@ -188,12 +188,14 @@ def build_omni(cfg: Mapping[str, Any], method: str, ssl: Mapping[str, Any], n_cl
         raise ConfigError(f"model {m['name']} needs crop sides that are multiples of {MIN_SIDE[m['name']]}; "
                           f"the SSL crop is {side}")
     kwargs = {"use_checkpoint": True} if m["name"] == "swinunetr" and m["use_checkpoint"] else {}
-    backbone = build_model(m["name"], 1, n_classes, size=m["size"], feature_size=m["feature_size"], **kwargs)
+    backbone = build_model(m["name"], 1, n_classes, size=m["size"], feature_size=m["feature_size"],
+                           window_attention=m["window_attention"], **kwargs)
     hidden, out_dim = int(ssl["hidden_dim"]), int(ssl["out_dim"])
     student = SSLNet(backbone, Projector(backbone.embed_dim, hidden, out_dim),
                      FeatureDropout(float(ssl.get("feature_dropout_p", 0.2)), str(ssl.get("feature_dropout", "row"))))
     teacher = make_teacher(method, backbone.embed_dim, ssl, lambda: build_model(
-        m["name"], 1, n_classes, size=m["size"], feature_size=m["feature_size"], **kwargs))
+        m["name"], 1, n_classes, size=m["size"], feature_size=m["feature_size"],
+        window_attention=m["window_attention"], **kwargs))
     return OmniNet(student), teacher
 
 
@@ -220,7 +222,8 @@ def load_stage_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise CheckpointError(f"{path}: not an omni stage-1/2 checkpoint (stage {state.get('stage')!r})")
     m = model_settings(cfg)
     n_classes = len(cfg["vocomni"]["classes"])
-    model = build_model(m["name"], 1, n_classes, size=m["size"], feature_size=m["feature_size"])
+    model = build_model(m["name"], 1, n_classes, size=m["size"], feature_size=m["feature_size"],
+                        window_attention=m["window_attention"])
     model.load_state_dict(backbone_state(state["model"]))
     model.eval()
     return model, cfg

@@ -119,7 +119,8 @@ def run_suprem(cfg: Mapping[str, Any], args: argparse.Namespace) -> int:
     )
     seed_everything(lcfg.seed)
     kwargs = {"use_checkpoint": True} if name == "swinunetr" and m.get("use_checkpoint") else {}
-    model = build_model(name, 1, len(classes) - 1, size=size, feature_size=feature_size, **kwargs)
+    model = build_model(name, 1, len(classes) - 1, size=size, feature_size=feature_size,
+                        window_attention=m.get("window_attention"), **kwargs)
     crops = int(sp["crops_per_step"])
     batches = LabelledBatches(pool, roi, crops, sp["pos_neg"], seed=lcfg.seed * 1009 + 31 + dist.rank(),
                               augment=sp.get("augment", PAPER_AUGMENT))

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from voco import runtime
 from voco.errors import Interrupted, VocoError
 from voco.train import distributed as dist
 from voco.train import preempt
@@ -325,6 +326,10 @@ def _train(
     device = device or dist.default_device()
     rank, world = dist.rank(), dist.world_size()
     main = rank == 0
+    if device.type == "cpu":  # reuse freed memory between steps instead of re-mapping it (voco.runtime)
+        tuned = runtime.configure_malloc()
+        if tuned and main:
+            log.info("CPU runtime: %s", ", ".join(f"{k}={v}" for k, v in runtime.applied().items()))
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

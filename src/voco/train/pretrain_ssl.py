@@ -194,7 +194,8 @@ def build_ssl(cfg: Mapping[str, Any], method: str, ssl: Mapping[str, Any]) -> tu
             f"model {name} needs crop sides that are multiples of {MIN_SIDE[name]}; the SSL crop is {side}"
         )
     kwargs = {"use_checkpoint": True} if name == "swinunetr" and m.get("use_checkpoint") else {}
-    backbone = build_model(name, 1, 2, size=m.get("size", "B"), feature_size=m.get("feature_size"), **kwargs)
+    backbone = build_model(name, 1, 2, size=m.get("size", "B"), feature_size=m.get("feature_size"),
+                           window_attention=m.get("window_attention"), **kwargs)
     n_frozen = freeze_decoder(backbone)
     log.info("SSL trains the encoder: %d decoder tensors frozen (they stay at init in backbone.pt)", n_frozen)
     hidden, out_dim = int(ssl["hidden_dim"]), int(ssl["out_dim"])
@@ -202,7 +203,8 @@ def build_ssl(cfg: Mapping[str, Any], method: str, ssl: Mapping[str, Any]) -> tu
     dropout = FeatureDropout(float(ssl.get("feature_dropout_p", 0.2)), str(ssl.get("feature_dropout", "row")))
     student = SSLNet(backbone, projector, dropout)
     teacher = make_teacher(method, backbone.embed_dim, ssl, lambda: build_model(
-        name, 1, 2, size=m.get("size", "B"), feature_size=m.get("feature_size"), **kwargs))
+        name, 1, 2, size=m.get("size", "B"), feature_size=m.get("feature_size"),
+        window_attention=m.get("window_attention"), **kwargs))
     return student, teacher
 
 

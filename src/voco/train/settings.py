@@ -36,7 +36,10 @@ def ssl_settings(cfg: Mapping[str, Any], method: str) -> dict[str, Any]:
 def model_spec(cfg: Mapping[str, Any]) -> dict:
     """Model name / size / feature size from the config's ``model`` section (default: the laptop ``cnn_small``)."""
     m = cfg.get("model", {}) or {}
-    return {"name": m.get("name", "cnn_small"), "size": m.get("size", "B"), "feature_size": m.get("feature_size")}
+    spec = {"name": m.get("name", "cnn_small"), "size": m.get("size", "B"), "feature_size": m.get("feature_size")}
+    if m.get("window_attention"):
+        spec["window_attention"] = m["window_attention"]
+    return spec
 
 
 def num_classes(card: Mapping[str, Any]) -> int:
