@@ -18,6 +18,9 @@ FEATURE_SIZES: dict[str, dict[str, int]] = {
 #: smallest valid training crop side (all sides must be a multiple of it): SwinUNETR's patch 2 x 2^4 downsamplings
 MIN_SIDE = {"swinunetr": 32, "unet": 16, "segresnet": 8, "cnn_small": 8}
 
+#: ``model.window_attention`` values (SwinUNETR; ``voco.models.window_attention``)
+WINDOW_ATTENTION_IMPLS = ("efficient", "monai")
+
 
 def bad_sides(name: str, roi: list[int] | tuple[int, ...]) -> list[int]:
     """The sides of ``roi`` that model ``name`` cannot take (not a multiple of its MIN_SIDE)."""

@@ -5,13 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from voco.errors import ConfigError
-from voco.shapes import FEATURE_SIZES, MIN_SIDE, MODEL_NAMES
+from voco.shapes import FEATURE_SIZES, MIN_SIDE, MODEL_NAMES, WINDOW_ATTENTION_IMPLS
 
 __all__ = ["FEATURE_SIZES", "MIN_SIDE", "MODEL_NAMES", "WINDOW_ATTENTION_IMPLS", "build_model",
            "decoder_parameter_names", "feature_size_for", "freeze_decoder"]
-
-#: ``model.window_attention`` values (``voco.models.window_attention``; kept here so that no MONAI import is needed)
-WINDOW_ATTENTION_IMPLS = ("efficient", "monai")
 
 
 def feature_size_for(name: str, size: str = "B", feature_size: int | None = None) -> int:

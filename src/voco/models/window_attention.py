@@ -29,7 +29,7 @@ import torch
 from monai.networks.nets.swin_unetr import WindowAttention
 from torch import nn
 
-from voco.models.factory import WINDOW_ATTENTION_IMPLS
+from voco.shapes import WINDOW_ATTENTION_IMPLS
 
 #: elements of one chunk of attention probabilities in the backward pass (x 4 bytes, two buffers): about 4 windows x
 #: 3 heads x 343^2 - large enough for efficient batched matmuls, small enough to stay in the CPU caches
