@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 CORES ?= 2
+# the slowest tests are listed after every run (CI keeps an eye on its time limit)
+PYTEST_ARGS ?= --durations=30
 
 .PHONY: venv run test lint bench clean-outputs
 
