@@ -120,7 +120,7 @@ def _write_case(ref: Path, out: Path, name: str, flip: bool) -> tuple[str, str]:
 
 @pytest.fixture(scope="session")
 def totalseg_run(totalseg_ref, tmp_path_factory):
-    """A 3-case real-CT task (2 train, 1 test), pre-processed, fine-tuned 30 steps from scratch and evaluated (with the
+    """A 3-case real-CT task (2 train, 1 test), pre-processed, fine-tuned 60 steps from scratch and evaluated (with the
     original-geometry predictions saved); shared by the evaluation, prediction and export tests."""
     import json
 
@@ -140,7 +140,7 @@ def totalseg_run(totalseg_ref, tmp_path_factory):
     assert voco(["preprocess", "--dataset-json", str(nifti / "dataset.json"), "--out", str(prep),
                  "--dataset", "totalseg_smoke", "--region", "abdomen"]) == 0
     assert voco(["finetune", "--dataset", "totalseg_smoke", "--init", "scratch", "--prep", str(prep),
-                 "--out", str(run), "--steps", "30", "--seed", "0"]) == 0
+                 "--out", str(run), "--steps", "60", "--seed", "0"]) == 0
     assert voco(["evaluate", "--dataset", "totalseg_smoke", "--run", str(run), "--prep", str(prep),
                  "--out", str(res), "--save-predictions"]) == 0
     return {"root": root, "nifti": nifti, "prep": prep, "run": run, "res": res, "ref": totalseg_ref}

@@ -19,8 +19,10 @@ from voco.eval.evaluate import eval_ids
 @pytest.mark.slow
 def test_real_ct_smoke_task_outputs(totalseg_run):
     run, res = totalseg_run["run"], totalseg_run["res"]
-    # exactly the rule's outputs: the resumable checkpoints are removed once these exist
-    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "model.pt", "progress.png", "run.json",
+    # exactly the rule's outputs (+ TensorBoard events and the DVC tracking files): the resumable checkpoints are
+    # removed once these exist
+    assert sorted(p.name for p in run.iterdir()
+                  if not p.name.startswith("events.out.tfevents.") and p.name != "tracking") == ["metrics.jsonl", "model.pt", "progress.png", "run.json",
                                                       "transfer.json"]
     record = json.loads((run / "run.json").read_text())
     assert record["train_ids"] == ["ts_a", "ts_b"] and record["test_ids"] == ["ts_c"]
@@ -36,7 +38,7 @@ def test_real_ct_smoke_task_outputs(totalseg_run):
             vals = [per[c][metric] for c in names if per[c][metric] is not None]
             assert vals and per["mean"][metric] == pytest.approx(float(np.mean(vals)))
     assert s["primary"] == {"name": "dice", "space": "original", "value": s["metrics"]["original"]["mean"]["dice"]}
-    # 30 steps on two real cases already find the liver (the largest organ) on the test case
+    # 60 steps on two real cases already find the liver (the largest organ) on the test case
     assert s["metrics"]["original"]["liver"]["dice"] > 0.3
 
 

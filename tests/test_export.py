@@ -67,6 +67,15 @@ def _prepared(run_dir: Path, scan: Path):
     return run, x, meta
 
 
+def _same_mask(a: np.ndarray, b: np.ndarray) -> None:
+    """The exported MONAI network and voco's own (efficient window attention) differ by float32 rounding (logits equal
+    to 1e-5, asserted on a crop above): only a voxel whose two top classes are that close may flip (measured: 1 of
+    321,824). A geometry or pre-processing mismatch would move whole organ boundaries."""
+    assert a.shape == b.shape
+    differ = int((a != b).sum())
+    assert differ <= max(1, a.size // 100_000), f"{differ} of {a.size} voxels differ"
+
+
 @pytest.mark.slow
 def test_monai_bundle_loads_and_runs_with_monais_bundle_api(swin_run, tmp_path):
     from monai.bundle import ConfigParser, run
@@ -85,8 +94,9 @@ def test_monai_bundle_loads_and_runs_with_monais_bundle_api(swin_run, tmp_path):
     voco_run, x, _ = _prepared(swin_run["run"], swin_run["scans"] / "new_patient.nii.gz")
     crop = torch.zeros((1, 1, 64, 64, 64))
     crop[(..., *(slice(0, min(64, n)) for n in x.shape[1:]))] = torch.from_numpy(x[:, :64, :64, :64])
-    with torch.no_grad():
-        torch.testing.assert_close(net(crop), voco_run.net(crop), rtol=0, atol=0)
+    with torch.no_grad():  # MONAI's window attention vs ours (the run's default, voco.models.window_attention):
+        # the same maths in another summation order, so float32 rounding apart
+        torch.testing.assert_close(net(crop), voco_run.net(crop), rtol=1e-5, atol=1e-5)
     meta = parser.get("_meta_")
     labels = json.loads(meta["pred_classes"])
     assert labels["1"] == "spleen" and meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 10
@@ -104,7 +114,7 @@ def test_monai_bundle_loads_and_runs_with_monais_bundle_api(swin_run, tmp_path):
     b = np.asanyarray(mask_b.dataobj).reshape(scan.shape)
     v = np.asanyarray(mask_v.dataobj)
     assert len(np.unique(v)) > 1  # the run predicts organs: an equality of two empty masks would prove nothing
-    np.testing.assert_array_equal(b, v)
+    _same_mask(b, v)
 
 
 def test_bundle_transform_equals_voco_preprocessing(tmp_path):
@@ -149,8 +159,9 @@ def test_hf_folder_loads_with_safetensors_and_config_alone(swin_run):
     inf = cfg["inference"]
     probs = predict_probs(net, x, inf["roi"], inf["overlap"], inf["sw_batch_size"], inf["blend"])
     mask = labels_in_original(probs, meta)
-    np.testing.assert_array_equal(mask, np.asanyarray(nib.load(swin_run["mask"]).dataobj))
-    assert cfg["preprocess"]["spacing"] == [4.0, 4.0, 4.0] and cfg["labels"]["5"] == "liver"
+    _same_mask(mask, np.asanyarray(nib.load(swin_run["mask"]).dataobj))
+    record = json.loads((swin_run["run"] / "run.json").read_text())
+    assert cfg["preprocess"]["spacing"] == record["preprocess"]["spacing"] and cfg["labels"]["5"] == "liver"
     card = (hf / "README.md").read_text()
     summary = json.loads((swin_run["res"] / "summary.json").read_text())
     assert "## Data" in card and "## Method" in card and "## Metrics" in card

@@ -22,6 +22,11 @@ from voco.cli import main as voco
 FINETUNE_OUTPUTS = ["metrics.jsonl", "model.pt", "progress.png", "run.json", "transfer.json"]
 
 
+
+def _outputs(run) -> list[str]:
+    """The files of a run folder, without its TensorBoard event files (their names carry a time and a pid) and tracking folder."""
+    return sorted(p.name for p in run.iterdir() if not p.name.startswith("events.out.tfevents.") and p.name != "tracking")
+
 def _steps(path: Path) -> list[int]:
     return [json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
@@ -79,7 +84,7 @@ def test_changed_config_value_starts_afresh_naming_the_key(tmp_path, stores, cap
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3] and recs[0]["lr"] == pytest.approx(2e-3)
     assert _ck(out / "final.pt")["identity"]["config"]["loop"]["lr"] == pytest.approx(2e-3)
-    assert sorted(p.name for p in out.iterdir()) == ["backbone.pt", "final.pt", "metrics.jsonl", "progress.png",
+    assert _outputs(out) == ["backbone.pt", "final.pt", "metrics.jsonl", "progress.png",
                                                       "summary.json"]
 
 
@@ -115,7 +120,7 @@ def test_fresh_start_removes_only_voco_files_of_the_run_folder(tmp_path):
     outside.write_text("outside")
     path, state = prepare_run_dir(run, {"config": {}}, "ssl", "voco")  # every checkpoint unreadable: afresh
     assert path is None and state is None
-    assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "sub"]
+    assert _outputs(run) == ["notes.txt", "sub"]
     assert (run / "sub" / "metrics.jsonl").read_text() == "not the run's" and outside.read_text() == "outside"
 
 
@@ -156,7 +161,7 @@ def test_unchanged_finetuning_resumes_exactly(organs, tmp_path, caplog):
     assert f"resuming from {out / 'last.pt'} at step {stopped}" in caplog.text
     a, b = _ck(ref / "model.pt")["model"], _ck(out / "model.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert sorted(p.name for p in out.iterdir()) == FINETUNE_OUTPUTS  # no checkpoint left beside the outputs
+    assert _outputs(out) == FINETUNE_OUTPUTS  # no checkpoint left beside the outputs
     caplog.clear()
     with caplog.at_level("INFO"):  # a finished run with the same identity is not redone
         assert _finetune(organs, out, init, 30, tmp_path) == 0
@@ -188,7 +193,7 @@ def test_changed_init_file_starts_finetuning_afresh(organs, tmp_path, caplog):
     assert _steps(out / "metrics.jsonl") == [1, 2, 3, 4]
     run = json.loads((out / "run.json").read_text())
     assert run["init_sha256"] == new_sha and run["identity"]["init"]["sha256"] == new_sha
-    assert sorted(p.name for p in out.iterdir()) == sorted([*FINETUNE_OUTPUTS, "notes.txt"])
+    assert _outputs(out) == sorted([*FINETUNE_OUTPUTS, "notes.txt"])
 
     # a folder an older voco left: final.pt without a recorded identity, outputs removed by Snakemake
     legacy = tmp_path / "legacy"
@@ -198,5 +203,5 @@ def test_changed_init_file_starts_finetuning_afresh(organs, tmp_path, caplog):
     with caplog.at_level("INFO"):
         assert _finetune(organs, legacy, init, 4, tmp_path) == 0
     assert "records no run identity" in caplog.text
-    assert sorted(p.name for p in legacy.iterdir()) == FINETUNE_OUTPUTS
+    assert _outputs(legacy) == FINETUNE_OUTPUTS
     assert _steps(legacy / "metrics.jsonl") == [1, 2, 3, 4]

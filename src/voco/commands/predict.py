@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     overlap = args.overlap if args.overlap is not None else ecfg.get("overlap")
     report = predict(args.run, args.input, args.out, overlap=overlap,
                      sw_batch_size=args.sw_batch_size or ecfg.get("sw_batch_size"), blend=ecfg.get("blend"),
-                     device=args.device, amp=not args.no_amp)
+                     device=args.device, amp=False if args.no_amp else None)  # None: autocast on CUDA only
     failed = summarise(report)
     log.info("predict: %d scan(s) segmented, %d failed -> %s (%.1f s)", report["n_ok"], report["n_failed"], args.out,
              report["seconds"])
