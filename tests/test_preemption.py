@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_pretrain import _override, make_store
+from test_resume_identity import _outputs  # run folders without TensorBoard events / tracking files
 from test_train_loop import _child_env, run_toy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def test_sigterm_mid_pretraining_checkpoints_within_60s_and_resume_continues(tmp
     final = _ck(out / "final.pt")
     assert final["step"] == steps
     # outputs complete as a group: the resumable checkpoints are gone, only the rule's outputs are left
-    assert sorted(p.name for p in out.iterdir()) == ["backbone.pt", "final.pt", "metrics.jsonl", "progress.png",
+    assert _outputs(out) == ["backbone.pt", "final.pt", "metrics.jsonl", "progress.png",
                                                       "summary.json"]
 
     ref = tmp_path / "ref"

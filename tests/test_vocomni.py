@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_resume_identity import _outputs  # run folders without TensorBoard events / tracking files
 
 from voco.errors import ConfigError, DataError
 from voco.omni.curation import (
@@ -215,7 +216,7 @@ def test_vocomni_command_completes_partial_labels(omni_env):
 
     # the job's outputs are complete: each member folder holds its declared outputs only (no last.pt)
     for k in (0, 1):
-        assert sorted(p.name for p in (root / "runs" / "vocomni" / f"member-{k}").iterdir()) == [
+        assert _outputs(root / "runs" / "vocomni" / f"member-{k}") == [
             "final.pt", "metrics.jsonl", "progress.png"]
     curves = [(root / "runs" / "vocomni" / f"member-{k}" / "metrics.jsonl").read_bytes() for k in (0, 1)]
 
@@ -278,4 +279,4 @@ def test_vocomni_members_resume_after_an_interrupted_attempt(omni_env, tmp_path,
     steps1 = [json.loads(x)["step"] for x in (m1 / "metrics.jsonl").read_text().splitlines()]
     assert steps1 == list(range(1, 41))  # member 1: the first `stopped` steps restored, the rest trained now
     for member in (m0, m1):
-        assert sorted(p.name for p in member.iterdir()) == ["final.pt", "metrics.jsonl", "progress.png"]
+        assert _outputs(member) == ["final.pt", "metrics.jsonl", "progress.png"]
