@@ -231,6 +231,15 @@ def _bare(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+
+def _has_monai_attention(model: nn.Module) -> bool:
+    """Whether ``model`` runs MONAI's own Swin ``WindowAttention`` (not :mod:`voco.models.window_attention`)."""
+    for m in model.modules():
+        cls = type(m)
+        if cls.__name__ == "WindowAttention" and cls.__module__.startswith("monai."):
+            return True
+    return False
+
 def train(
     model: nn.Module,
     step: StepFn,
@@ -326,7 +335,10 @@ def _train(
     device = device or dist.default_device()
     rank, world = dist.rank(), dist.world_size()
     main = rank == 0
-    if device.type == "cpu":  # reuse freed memory between steps instead of re-mapping it (voco.runtime)
+    if device.type == "cpu" and not _has_monai_attention(model):
+        # reuse freed memory between steps instead of re-mapping it (voco.runtime). Not with MONAI's own window
+        # attention (model.window_attention: monai): its per-window matrices fragment a heap that is never trimmed
+        # (measured: peak 17.1 GiB instead of 9.5 for a SwinUNETR F 12 VoCo step)
         tuned = runtime.configure_malloc()
         if tuned and main:
             log.info("CPU runtime: %s", ", ".join(f"{k}={v}" for k, v in runtime.applied().items()))
