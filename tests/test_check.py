@@ -75,6 +75,28 @@ def test_missing_init_checkpoint_fails_naming_key_and_file(tmp_path):
     assert str(tmp_path / "runs" / "pretrain" / "default" / "ssl" / "backbone.pt") in r.stderr
 
 
+def test_a_laptop_checkpoint_in_the_way_of_the_paper_plan_is_rebuilt_not_an_error(tmp_path):
+    """After `make run`, runs/pretrain/default/ssl/backbone.pt is the laptop's cnn_small. The paper plan's rule rebuilds
+    it (its settings differ), so the check warns; only where no rule can rebuild it is the mismatch an error."""
+    import torch
+
+    from voco.models import build_model
+
+    ckpt = tmp_path / "runs" / "pretrain" / "default" / "ssl" / "backbone.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"model": build_model("cnn_small", 1, 2).state_dict()}, ckpt)
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(yaml.safe_dump({"paths": {"runs": str(tmp_path / "runs")}}))
+    r = voco_check("--override", str(PAPER), "--override", str(runs))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "finetune.inits: ssl" in out and "rule pretrain_ssl rebuilds it" in out, out[-3000:]
+    nopre = tmp_path / "no_pretrain.yaml"
+    nopre.write_text(yaml.safe_dump({"datasets": {"pretrain": []}, "finetune": {"inits": ["scratch", "ssl"]}}))
+    r = voco_check("--override", str(PAPER), "--override", str(runs), "--override", str(nopre))
+    assert r.returncode == 1 and "no tensor matches the model" in r.stderr, r.stderr
+
+
 def test_profile_naming_an_unknown_rule_is_an_error(tmp_path):
     from voco.check import Report, check_profiles
 

@@ -401,27 +401,49 @@ def check_inits(cfg: Config, cards: Mapping[str, dict], report: Report) -> None:
         report.count("init checkpoints")
         if target is None:
             continue
+        if not external and dag.datasets(cfg)[0]:
+            # a checkpoint of ours that the plan builds: an existing file made by another configuration (e.g. the
+            # laptop demo's before a paper run) is rebuilt, because its rule's settings changed, not loaded as it is
+            try:
+                loaded = _load_init(cfg, cards, target, path)
+            except Exception as e:  # noqa: BLE001 - reported, not raised
+                report.add("warning", "init", f"finetune.inits: {init} ({path})",
+                           f"the existing file does not fit this configuration's model ({type(e).__name__}: "
+                           f"{str(e)[:160]})", f"rule {made_by_dag[init]} rebuilds it (its settings differ); "
+                           "nothing to do unless you meant to keep it")
+            else:
+                _init_info(report, init, path, *loaded)
+            continue
         with _guard(report, "init", f"finetune.inits: {init} ({path})"):
-            from voco.models import load_pretrained
-            from voco.train.finetune import build_network
-            from voco.train.settings import HEAD_PREFIX, model_spec, num_classes
+            _init_info(report, init, path, *_load_init(cfg, cards, target, path))
 
-            card = cards[target]
-            arch = {**model_spec(cfg), "task": "segmentation", "in_channels": len(card.get("modality") or {"0": 1}),
-                    "out_channels": num_classes(card)}
-            with meta_device():  # names and shapes are all the contract needs
-                net = build_network(arch)
-            with warnings.catch_warnings():  # copying into meta parameters is the intended no-op
-                warnings.simplefilter("ignore", UserWarning)
-                rep = load_pretrained(net, path, exclude=(HEAD_PREFIX.get(arch["name"], "out."),))
-            enc = [n for n in rep.missing if not n.startswith(tuple(getattr(net, "decoder_prefixes", ())))]
-            report.add("info", "init", f"{init} ({path})",
-                       f"into {target}'s {arch['name']}: {len(rep.loaded)} tensors load, {len(rep.mismatched)} "
-                       f"shape-mismatched, {len(rep.skipped)} not in the model, {len(rep.missing)} left at init "
-                       f"({len(enc)} of them in the encoder)")
-            if enc and len(enc) > len(rep.loaded):
-                report.add("warning", "init", f"{init} ({path})", f"most encoder tensors stay at init ({enc[:3]}...)",
-                           "check that the checkpoint matches model.name / size")
+
+def _load_init(cfg: Config, cards: Mapping[str, dict], target: str, path: Path) -> tuple[str, str, Any, Any]:
+    """Load ``path`` into ``target``'s segmentation network built on the meta device; (target, model name, net, report)."""
+    from voco.models import load_pretrained
+    from voco.train.finetune import build_network
+    from voco.train.settings import HEAD_PREFIX, model_spec, num_classes
+
+    card = cards[target]
+    arch = {**model_spec(cfg), "task": "segmentation", "in_channels": len(card.get("modality") or {"0": 1}),
+            "out_channels": num_classes(card)}
+    with meta_device():  # names and shapes are all the contract needs
+        net = build_network(arch)
+    with warnings.catch_warnings():  # copying into meta parameters is the intended no-op
+        warnings.simplefilter("ignore", UserWarning)
+        rep = load_pretrained(net, path, exclude=(HEAD_PREFIX.get(arch["name"], "out."),))
+    return target, arch["name"], net, rep
+
+
+def _init_info(report: Report, init: str, path: Path, target: str, name: str, net: Any, rep: Any) -> None:
+    enc = [n for n in rep.missing if not n.startswith(tuple(getattr(net, "decoder_prefixes", ())))]
+    report.add("info", "init", f"{init} ({path})",
+               f"into {target}'s {name}: {len(rep.loaded)} tensors load, {len(rep.mismatched)} "
+               f"shape-mismatched, {len(rep.skipped)} not in the model, {len(rep.missing)} left at init "
+               f"({len(enc)} of them in the encoder)")
+    if enc and len(enc) > len(rep.loaded):
+        report.add("warning", "init", f"{init} ({path})", f"most encoder tensors stay at init ({enc[:3]}...)",
+                   "check that the checkpoint matches model.name / size")
 
 
 # ------------------------------------------------------------------------------------------------ profiles
