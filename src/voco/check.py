@@ -373,7 +373,7 @@ def check_inits(cfg: Config, cards: Mapping[str, dict], report: Report) -> None:
     from voco import dag
     from voco.eval import plan
 
-    _, downstream, _ = dag.datasets(cfg)
+    pretrain, downstream, _ = dag.datasets(cfg)
     made_by_dag = {"ssl": "pretrain_ssl", "stage1": "pretrain_stage1", "stage2": "pretrain_stage2",
                    "suprem": "pretrain_suprem"}
     target = next((d for d in downstream if d in cards and cards[d].get("task", "segmentation") == "segmentation"),
@@ -388,7 +388,7 @@ def check_inits(cfg: Config, cards: Mapping[str, dict], report: Report) -> None:
             continue
         external = init not in made_by_dag
         if not path.is_file():
-            if not external and not dag.datasets(cfg)[0]:
+            if not external and not pretrain:
                 report.add("error", "init", f"finetune.inits: {init} (set by {source_of(cfg, 'finetune.inits')})",
                            f"init checkpoint {path} not found, and datasets.pretrain is empty, so no rule can make it",
                            f"list the pre-training datasets, put a checkpoint at {path}, or remove {init!r}")
@@ -401,7 +401,7 @@ def check_inits(cfg: Config, cards: Mapping[str, dict], report: Report) -> None:
         report.count("init checkpoints")
         if target is None:
             continue
-        if not external and dag.datasets(cfg)[0]:
+        if not external and pretrain:
             # a checkpoint of ours that the plan builds: an existing file made by another configuration (e.g. the
             # laptop demo's before a paper run) is rebuilt, because its rule's settings changed, not loaded as it is
             try:

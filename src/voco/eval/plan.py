@@ -46,7 +46,7 @@ def runs(cfg: Mapping, cards: Mapping[str, Mapping], datasets: Sequence[str]) ->
         if card.get("task", "segmentation") not in TASKS:
             continue
         ft = grid(cfg, card)
-        for init in dict.fromkeys(_inits.init_id(e) for e in ft["inits"]):
+        for init in init_ids(cfg, ft["inits"]):
             for method in methods_for(cfg, card):
                 for n in ft["n_train"]:
                     for seed in ft["seeds"]:
@@ -62,9 +62,11 @@ def result_dir(results_root: str, d: str, init: str, method: str, n: str | int, 
     return f"{results_root}/{d}/{init}/{method}/n{n}-s{seed}"
 
 
-def init_ids(cfg: Mapping) -> list[str]:
-    """The init ids of ``finetune.inits`` (``file:<path>`` -> ``file-<stem>``; see :mod:`voco.inits`), in order."""
-    return list(dict.fromkeys(_inits.init_id(e) for e in cfg["finetune"]["inits"]))
+def init_ids(cfg: Mapping, inits: Sequence[str] | None = None) -> list[str]:
+    """The init ids of ``finetune.inits`` (or of ``inits``, e.g. a card's narrowed grid; ``file:<path>`` ->
+    ``file-<stem>``; see :mod:`voco.inits`), in order, without repeats."""
+    entries = cfg["finetune"]["inits"] if inits is None else inits
+    return list(dict.fromkeys(_inits.init_id(e) for e in entries))
 
 
 def init_wildcard(cfg: Mapping) -> str:

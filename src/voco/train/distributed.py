@@ -24,6 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from voco.devices import DEVICES, select_device  # noqa: F401  (re-exported: the training code calls dist.select_device)
+
 log = logging.getLogger(__name__)
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -306,5 +308,3 @@ def resolve_num_workers(value: int | str | None) -> int:
         raise ConfigError(f"num_workers must be >= 0, got {n}")
     return n
 
-
-from voco.devices import DEVICES, select_device  # noqa: E402,F401  (re-exported: training code calls dist.select_device)
