@@ -45,6 +45,9 @@ rule vocomni:
         prep=lambda wc, input: _dirs(input.prep),
         out=lambda wc, output: Path(output.manifest).parent,
         work=lambda wc, output: Path(output.members[0]).parent.parent,  # runs/vocomni (member-<k>/ below it)
+    # the omni chain (VoComni -> stage 1 -> pseudo-labels -> stage 2) is the run's critical path: scheduled
+    # before the pre-training that runs beside it and before fine-tuning (scratch fine-tunes fill the other cores)
+    priority: 90
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -81,6 +84,7 @@ rule pretrain_stage1:
         out=lambda wc, output: Path(output.final).parent,
         nproc=nproc_param,
         nodes=nodes_param,
+    priority: 90
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
@@ -113,6 +117,7 @@ rule pseudolabel:
         prep=lambda wc, input: Path(input.prep).parent,
         out=lambda wc, output: Path(output[0]).parent.parent,
         shards=lambda wc: shards_for(wc.dataset),
+    priority: 90
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -145,6 +150,7 @@ rule pseudolabel_merge:
         config=cfg_for("pseudolabel_merge"),
         out=lambda wc, output: Path(output.manifest).parent,
         shards=lambda wc: shards_for(wc.dataset),
+    priority: 90
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
@@ -184,6 +190,7 @@ rule pretrain_stage2:
         out=lambda wc, output: Path(output.final).parent,
         nproc=nproc_param,
         nodes=nodes_param,
+    priority: 90
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
@@ -220,6 +227,7 @@ rule pretrain_suprem:
         out=lambda wc, output: Path(output.final).parent,
         nproc=nproc_param,
         nodes=nodes_param,
+    priority: 40
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,

@@ -41,6 +41,7 @@ rule pretrain_ssl:
         nodes=nodes_param,
         voco=VOCO,
         config=cfg_for("pretrain_ssl"),
+    priority: 50
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
