@@ -1,4 +1,5 @@
-"""Sliding-window inference over whole preprocessed volumes (MONAI ``sliding_window_inference``).
+"""Sliding-window inference over whole preprocessed volumes (:mod:`voco.eval.sliding`: MONAI's
+``sliding_window_inference`` in plain torch, so that ``voco evaluate`` / ``predict`` do not import MONAI).
 
 Inference runs where the model is (its parameters' device, unless told otherwise), under autocast on CUDA (bf16 where
 the GPU supports it, else fp16: the AMP the training loop uses); the probabilities come back as float32 on the CPU.
@@ -11,8 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from torch import nn
+
+from voco.eval.sliding import sliding_window_inference
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -61,14 +63,16 @@ def predict_probs(
 
     Args:
         model: maps (N, C, *roi) to logits (N, K, *roi); put in eval mode here.
-        image: (X, Y, Z) or (C, X, Y, Z) float volume (volumes smaller than ``roi`` are padded by MONAI).
+        image: (X, Y, Z) or (C, X, Y, Z) float volume (an axis shorter than ``roi`` is zero-padded for the
+            windows, as MONAI pads it, and cropped back).
         roi: window size in voxels.
         overlap: fraction of window overlap (SPEC 6: 0.75).
         mode: window blending ("gaussian" or "constant").
         device: where the windows run (default: the model's device; the model is not moved). The blended output stays
             on the CPU, so whole CT volumes fit.
         amp: autocast the network (default: on CUDA only, bf16 where supported else fp16; see :func:`autocast_for`).
-        progress: a progress bar over the windows (MONAI's tqdm bar).
+        progress: progress over the window batches (:func:`voco.progressbar.track`: a bar on a terminal, log
+            lines otherwise).
 
     Returns:
         (K, X, Y, Z) float32 probabilities on the CPU.

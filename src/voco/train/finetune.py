@@ -386,11 +386,12 @@ class MedContextNet(nn.Module):
 
 
 def dicece_loss(include_background: bool = False) -> nn.Module:
-    """DiceCE (softmax, one-hot targets), MONAI's implementation; the Dice term skips the background channel unless
-    ``include_background`` (the reference fine-tuning excludes it; the CE term always covers every class)."""
-    from monai.losses import DiceCELoss
+    """DiceCE (softmax, one-hot targets), MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` in plain torch
+    (:class:`voco.train.losses.DiceCELoss`); the Dice term skips the background channel unless ``include_background``
+    (the reference fine-tuning excludes it; the CE term always covers every class)."""
+    from voco.train.losses import DiceCELoss
 
-    return DiceCELoss(include_background=bool(include_background), to_onehot_y=True, softmax=True)
+    return DiceCELoss(include_background=bool(include_background))
 
 
 # ------------------------------------------------------------------------------------------------ run
