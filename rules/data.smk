@@ -15,6 +15,9 @@ rule synth:
     params:
         out=lambda wc: f"{DATA}/raw/{wc.dataset}",
         config=cfg_for("synth"),
+    # the data phase first (about a minute of CPU on the laptop): priorities do not pass to a job's inputs, so
+    # without this the pre-training stages wait for a pool's conversion queued behind scratch fine-tunes
+    priority: 95
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
@@ -43,6 +46,7 @@ rule convert:
         out=lambda wc: f"{DATA}/nifti/{wc.dataset}",
         fmt=lambda wc: card_format(wc.dataset),
         config=cfg_for("convert"),
+    priority: 95
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -71,6 +75,7 @@ rule preprocess:
         out=lambda wc: f"{DATA}/prep/{wc.dataset}",
         config=cfg_for("preprocess"),
         shards=lambda wc: shards_for(wc.dataset),
+    priority: 95
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -95,6 +100,7 @@ rule merge_manifest:
         f"{LOGS}/merge_manifest/{{dataset}}.log",
     benchmark:
         f"{LOGS}/benchmarks/merge_manifest/{{dataset}}.tsv"
+    priority: 95
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
