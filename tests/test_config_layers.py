@@ -202,6 +202,17 @@ def test_set_flags_parse_yaml_values():
         resolve(sets=["finetune.steps"])
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string, and validation rejected ``lr: 1e-4`` / ``--set finetune.lr=3e-3``."""
+    user = tmp_path / "user.yaml"
+    user.write_text("finetune:\n  lr: 1e-4\n  weight_decay: 5E-5\npretrain:\n  lr: 2.5e-4\n")
+    cfg = resolve(overrides=[user], sets=["pretrain.voco.momentum=9e-1"])
+    assert cfg["finetune"]["lr"] == 1e-4 and cfg["finetune"]["weight_decay"] == 5e-5
+    assert cfg["pretrain"]["lr"] == 2.5e-4 and cfg["pretrain"]["voco"]["momentum"] == 0.9
+    assert resolve(sets=["finetune.lr=3e-3"])["finetune"]["lr"] == 3e-3
+    assert resolve(sets=['paths.runs="1e3"'])["paths"]["runs"] == "1e3"  # quoted: still a string
+
+
 def test_card_with_misspelt_finetune_key_fails_naming_the_card(tmp_path):
     cards = tmp_path / "cards"
     cards.mkdir()

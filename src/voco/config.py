@@ -28,6 +28,7 @@ import copy
 import functools
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,23 @@ def schema_path(name: str = "config", root: Path | None = None) -> Path:
     return (root or repo_root()) / "config" / "schemas" / f"{name}.schema.yaml"
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2's exponent floats without a dot (``1e-4``, ``3E5``): YAML 1.1 reads them as
+    strings, so a learning rate written ``lr: 1e-4`` (in a file or ``--set finetune.lr=3e-3``) failed validation."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`YamlLoader` (exponent floats without a dot are numbers)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def default_config_path(root: Path | None = None) -> Path:
     return (root or repo_root()) / "config" / "config.yaml"
 
@@ -77,7 +95,7 @@ def load_yaml(path: str | os.PathLike[str]) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
 
@@ -225,7 +243,7 @@ def parse_set(items: Iterable[str], source: str = "--set") -> dict:
         if not parts:
             raise ConfigError(f"{source} {item!r}: empty key")
         try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
+            parsed = yaml_load(value) if value.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"{source} {item!r}: value is not valid YAML: {e}") from e
         node = out
