@@ -75,6 +75,17 @@ def test_missing_init_checkpoint_fails_naming_key_and_file(tmp_path):
     assert str(tmp_path / "runs" / "pretrain" / "default" / "ssl" / "backbone.pt") in r.stderr
 
 
+def test_a_released_init_not_downloaded_yet_says_where_to_get_it(tmp_path):
+    mine = tmp_path / "released.yaml"
+    mine.write_text(yaml.safe_dump({"finetune": {"inits": ["scratch", "VoCo_B_SSL_head"]},
+                                    "paths": {"data": str(tmp_path / "data")}}))
+    r = voco_check("--override", str(mine), "--no-models")
+    assert r.returncode == 1, r.stdout + r.stderr
+    want = tmp_path / "data" / "weights" / "VoCo_B_SSL_head.pt"
+    assert "finetune.inits: VoCo_B_SSL_head" in r.stderr and f"{want} not found" in r.stderr, r.stderr
+    assert "https://huggingface.co/Luffy503/VoCo/resolve/main/VoCo_B_SSL_head.pt" in r.stderr, r.stderr
+
+
 def test_a_laptop_checkpoint_in_the_way_of_the_paper_plan_is_rebuilt_not_an_error(tmp_path):
     """After `make run`, runs/pretrain/default/ssl/backbone.pt is the laptop's cnn_small. The paper plan's rule rebuilds
     it (its settings differ), so the check warns; only where no rule can rebuild it is the mismatch an error."""

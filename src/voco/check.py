@@ -393,8 +393,13 @@ def check_inits(cfg: Config, cards: Mapping[str, dict], report: Report) -> None:
                            f"init checkpoint {path} not found, and datasets.pretrain is empty, so no rule can make it",
                            f"list the pre-training datasets, put a checkpoint at {path}, or remove {init!r}")
             elif external:
-                report.add("error", "init", f"finetune.inits: {init}", f"init checkpoint {path} not found",
-                           "give the path of a released or saved checkpoint, or remove it from finetune.inits")
+                from voco.inits import RELEASED
+
+                released = RELEASED.get(init)
+                hint = (f"download {released.url} to {path} (no rule fetches released weights), or remove it from "
+                        "finetune.inits" if released is not None else
+                        "give the path of a released or saved checkpoint, or remove it from finetune.inits")
+                report.add("error", "init", f"finetune.inits: {init}", f"init checkpoint {path} not found", hint)
             else:
                 report.add("info", "init", init, f"{path} will be built by rule {made_by_dag[init]}")
             continue
