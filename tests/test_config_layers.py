@@ -213,6 +213,20 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert resolve(sets=['paths.runs="1e3"'])["paths"]["runs"] == "1e3"  # quoted: still a string
 
 
+def test_snakemake_config_flags_keep_their_types():
+    """Snakemake's own --config parser (dotted keys are refused there) reads nested values with YAML's base loader:
+    every one a string. The workflow's flag layer reads them back as --set does."""
+    from snakemake.cli import parse_config
+
+    flags = parse_config(["finetune={steps: 7, lr: 3e-3, grad_clip: null, seeds: [0, 1]}",
+                          "evaluate={original_space: false}", "pretrain={run: laptop2}"])
+    assert flags["finetune"]["steps"] == "7"  # what Snakemake hands over
+    cfg = resolve_workflow(REPO / "config" / "config.yaml", [], flags)
+    assert cfg["finetune"]["steps"] == 7 and cfg["finetune"]["lr"] == 3e-3 and cfg["finetune"]["grad_clip"] is None
+    assert cfg["finetune"]["seeds"] == [0, 1] and cfg["evaluate"]["original_space"] is False
+    assert cfg["pretrain"]["run"] == "laptop2" and cfg["finetune"]["weight_decay"] == 1e-5  # merged, not replaced
+
+
 def test_card_with_misspelt_finetune_key_fails_naming_the_card(tmp_path):
     cards = tmp_path / "cards"
     cards.mkdir()

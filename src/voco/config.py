@@ -13,7 +13,7 @@ Layers, lowest to highest (one rule, the same in every command and in the workfl
 * **dataset card** (``config/datasets/<id>.yaml``): its ``finetune`` and ``preprocess`` sections apply to that dataset
   only (:meth:`Config.for_dataset`, :func:`region_params`); ``finetune.epochs`` becomes steps at run time.
 * **user override files**: any other YAML given with ``--override`` (CLI) or ``--configfile`` (Snakemake).
-* **command-line flags**: ``--set key.path=value`` (CLI), ``--config key=value`` (Snakemake) and the dedicated flags of
+* **command-line flags**: ``--set key.path=value`` (CLI), ``--config section={key: value}`` (Snakemake) and the dedicated flags of
   a command (``--steps`` ...).
 
 The result is a :class:`Config`: a ``dict`` (validated, defaults filled; ``cfg["finetune"]["roi"]``) with a typed view
@@ -74,16 +74,32 @@ class YamlLoader(yaml.SafeLoader):
     strings, so a learning rate written ``lr: 1e-4`` (in a file or ``--set finetune.lr=3e-3``) failed validation."""
 
 
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+#: an exponent float that YAML 1.1 leaves a string (``1e-4``, ``3E5``, ``2.5e-4`` parses already)
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
 
 
 def yaml_load(text: str) -> Any:
     """``yaml.safe_load`` with :class:`YamlLoader` (exponent floats without a dot are numbers)."""
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _flag_values(value: Any) -> Any:
+    """Snakemake's ``--config`` values with their strings read as YAML scalars, as ``--set`` reads them.
+
+    Snakemake parses ``--config finetune='{steps: 5, lr: 3e-4}'`` with YAML's base loader, which leaves every nested
+    value a string ('5', '3e-4'); numbers, booleans and null are restored here (other strings stay strings)."""
+    if isinstance(value, Mapping):
+        return {k: _flag_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_flag_values(v) for v in value]
+    if isinstance(value, str) and value.strip():
+        try:
+            parsed = yaml_load(value)
+        except yaml.YAMLError:
+            return value
+        return parsed if parsed is None or isinstance(parsed, bool | int | float) else value
+    return copy.deepcopy(value)
 
 
 def default_config_path(root: Path | None = None) -> Path:
@@ -691,7 +707,7 @@ def resolve_workflow(
         base: the Snakefile's ``configfile:`` (config/config.yaml).
         configfiles: ``--configfile`` files (command line or profile), in order; the base file among them is skipped,
             the others are experiment files (``experiment: <name>``) or user overrides.
-        flags: ``--config key=value`` pairs (keys may be dotted: ``finetune.steps=5``).
+        flags: Snakemake's ``--config`` entries (``finetune={steps: 5}``; a dotted key works from Python, the CLI refuses it).
     """
     base = Path(base).resolve()
     layers = [Layer("base", str(base), load_yaml(base))]
@@ -706,6 +722,6 @@ def resolve_workflow(
             parts = str(key).split(".")
             for p in parts[:-1]:
                 node = node.setdefault(p, {})
-            node[parts[-1]] = plain(value)
+            node[parts[-1]] = _flag_values(value)
         layers.append(Layer("flag", "snakemake --config", nested))
     return build(layers)
