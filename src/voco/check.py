@@ -372,6 +372,7 @@ def check_inits(cfg: Config, cards: Mapping[str, dict], report: Report) -> None:
     """Fine-tuning inits: a file that exists is loaded into the first downstream network (what loads, what stays)."""
     from voco import dag
     from voco.eval import plan
+    from voco.inits import RELEASED
 
     pretrain, downstream, _ = dag.datasets(cfg)
     made_by_dag = {"ssl": "pretrain_ssl", "stage1": "pretrain_stage1", "stage2": "pretrain_stage2",
@@ -393,8 +394,6 @@ def check_inits(cfg: Config, cards: Mapping[str, dict], report: Report) -> None:
                            f"init checkpoint {path} not found, and datasets.pretrain is empty, so no rule can make it",
                            f"list the pre-training datasets, put a checkpoint at {path}, or remove {init!r}")
             elif external:
-                from voco.inits import RELEASED
-
                 released = RELEASED.get(init)
                 hint = (f"download {released.url} to {path} (no rule fetches released weights), or remove it from "
                         "finetune.inits" if released is not None else
